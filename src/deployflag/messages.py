@@ -1,0 +1,374 @@
+"""Messages on the wire (SPEC §3, §5): request and result schemas, and the two envelopes.
+
+Decoding is O(body) work, so the service calls :func:`decode` in a worker process, never on the
+event loop. Nothing here is ever unpickled or evaluated: bodies are JSON, parsed by orjson.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
+
+from deployflag.errors import InvalidRequest
+
+MAX_FREQUENCY = 10**12  # far above any real count, far below int64 overflow in the pipeline
+MAX_ID_LENGTH = 255
+JSON_CONTENT_TYPES = frozenset({"", "application/json", "text/json", "text/plain"})
+
+
+def _require_iso_text(value: Any) -> Any:
+    # Numbers would be read as epoch seconds; the upstream always sends ISO 8601 text.
+    if not isinstance(value, str | datetime):
+        raise ValueError("timestamp must be ISO 8601 text")
+    return value
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_require_iso_text), AfterValidator(_as_utc)]
+Frequency = Annotated[StrictInt, Field(ge=0, le=MAX_FREQUENCY)]
+Text = Annotated[StrictStr, Field(min_length=1, max_length=200)]
+RepoId = StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+class _Row(BaseModel):
+    # Unknown columns are ignored: the upstream adds columns over time.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class AnalysisRun(_Row):
+    """One ``analysis_run`` row: a run on a branch (the "daily" data)."""
+
+    branch_name: Annotated[StrictStr, Field(max_length=500)]
+    base_oid: StrictStr | None = None
+    created_at: Timestamp
+    shortcode: Text
+    frequency_detected: Frequency
+    issue_type: StrictStr | None = None
+    severity: StrictStr | None = None
+
+
+class HistoricalRun(_Row):
+    """One ``historical_run`` row: the default branch's history."""
+
+    timestamp: Timestamp
+    shortcode: Text
+    frequency: Frequency
+    issue_type: StrictStr | None = None
+    severity: StrictStr | None = None
+
+
+class TrainingRequest(_Row):
+    """The training request of SPEC §3; field names are the upstream's."""
+
+    repo_id: RepoId
+    default_branch_name: StrictStr | None = None
+    analysis_run: list[AnalysisRun]
+    historical_run: list[HistoricalRun]
+
+
+# --- the result (SPEC §5) ------------------------------------------------------------------
+
+
+class Score(BaseModel):
+    issue_shortcode: str
+    issue_weight: int
+    fix_probability: float
+    daily_weighted_fix_rate: float
+    historical_weighted_fix_rate: float
+    severity_score: int
+
+
+class ModelReport(BaseModel):
+    trained: bool
+    skipped_reason: str | None = None
+    estimator: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    roc_auc: float | None = None
+    precision: float | None = None
+    training_rows: int = 0
+    training_seconds: float = 0.0
+
+
+class Computation(BaseModel):
+    """What the pure pipeline returns for one request."""
+
+    repo_id: int | str
+    scores: list[Score]
+    model: ModelReport
+
+
+class TrainingResult(Computation):
+    """The JSON reply: the computation plus who asked, which build answered, and when."""
+
+    request_id: str
+    status: Literal["ok"] = "ok"
+    deployflag_version: str
+    finished_at: datetime
+
+
+# --- envelopes (SPEC §3) -------------------------------------------------------------------
+
+EnvelopeKind = Literal["json", "celery"]
+
+
+class Envelope(BaseModel):
+    """What the service needs to know about a delivery before it computes anything."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: EnvelopeKind
+    request_id: str
+    repo_id: int | str | None = None
+    celery_protocol: int | None = None
+
+
+class Decoded(BaseModel):
+    envelope: Envelope
+    request: Any  # the request object, still unvalidated
+
+
+def _normalise_id(raw: Any, what: str) -> str | None:
+    """A task or message id as text; accepts kombu's JSON form of a ``uuid.UUID``."""
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, Mapping) and raw.get("__type__") == "uuid":
+        value = raw.get("__value__")
+        hex_ = value.get("hex") if isinstance(value, Mapping) else value
+        try:
+            return str(uuid.UUID(hex=str(hex_)))
+        except ValueError:
+            raise InvalidRequest("bad_request_id", f"{what} is not a valid uuid") from None
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str | int) and not isinstance(raw, bool):
+        text = str(raw)
+        if len(text) > MAX_ID_LENGTH:
+            raise InvalidRequest("bad_request_id", f"{what} is longer than {MAX_ID_LENGTH}")
+        return text
+    raise InvalidRequest("bad_request_id", f"{what} must be text, not {type(raw).__name__}")
+
+
+def parse_json(body: bytes) -> Any:
+    """orjson, with each failure turned into its own park reason."""
+    if not body:
+        raise InvalidRequest("empty_body", "the message body is empty")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        text = str(exc)
+        if "UTF-8" in text:
+            raise InvalidRequest("not_utf8", f"body is not UTF-8: {text}") from None
+        if "depth limit" in text or "recursion" in text:
+            raise InvalidRequest("too_deep", f"JSON nested too deeply: {text}") from None
+        raise InvalidRequest("not_json", f"body is not JSON: {text}") from None
+
+
+def _celery_request(args: Any, kwargs: Any, protocol: int) -> Any:
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise InvalidRequest(
+            "bad_celery_body",
+            f"Celery protocol {protocol} args must be a list and kwargs an object",
+        )
+    if args:
+        return args[0]
+    if "ocave_date" in kwargs:
+        return kwargs["ocave_date"]
+    raise InvalidRequest(
+        "bad_celery_body", "Celery task has no request in args[0] or kwargs['ocave_date']"
+    )
+
+
+def _check_task(name: Any, task_name: str) -> None:
+    if name != task_name:
+        raise InvalidRequest("unknown_task", f"unknown Celery task {str(name)[:200]!r}")
+
+
+def decode(
+    body: bytes,
+    headers: Mapping[str, Any],
+    *,
+    message_id: str | None,
+    content_type: str | None,
+    task_name: str,
+) -> Decoded:
+    """Recognise the envelope (plain JSON, Celery protocol 2 or 1) and pull out the request.
+
+    Raises :class:`InvalidRequest` for anything that is not one of them.
+    """
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype not in JSON_CONTENT_TYPES:
+        raise InvalidRequest(
+            "unsupported_content_type", f"content type {ctype[:100]!r} is not JSON; refused"
+        )
+    obj = parse_json(body)
+    header_task = headers.get("task")
+
+    if header_task is not None:  # Celery protocol 2: task and id travel in the headers
+        _check_task(header_task, task_name)
+        if not isinstance(obj, list) or len(obj) not in (2, 3):
+            raise InvalidRequest(
+                "bad_celery_body", "Celery protocol 2 body must be [args, kwargs, embed]"
+            )
+        request = _celery_request(obj[0], obj[1], 2)
+        task_id = _normalise_id(headers.get("id"), "task id")
+        return _decoded("celery", 2, task_id or message_id, body, request)
+
+    if isinstance(obj, dict) and "task" in obj:  # Celery protocol 1: everything in the body
+        _check_task(obj.get("task"), task_name)
+        request = _celery_request(obj.get("args", []), obj.get("kwargs", {}), 1)
+        task_id = _normalise_id(obj.get("id"), "task id")
+        return _decoded("celery", 1, task_id or message_id, body, request)
+
+    if isinstance(obj, dict):
+        return _decoded("json", None, _normalise_id(message_id, "message_id"), body, obj)
+    if isinstance(obj, list):
+        raise InvalidRequest(
+            "unknown_envelope", "a JSON array without a Celery 'task' header is no known envelope"
+        )
+    raise InvalidRequest(
+        "wrong_type", f"the request must be a JSON object, not {type(obj).__name__}"
+    )
+
+
+def _decoded(
+    kind: EnvelopeKind, protocol: int | None, request_id: str | None, body: bytes, request: Any
+) -> Decoded:
+    # Without any id, the body's hash: a re-sent copy is still recognised as the same request.
+    rid = request_id or hashlib.sha256(body).hexdigest()
+    repo_id = request.get("repo_id") if isinstance(request, dict) else None
+    if not isinstance(repo_id, int | str) or isinstance(repo_id, bool):
+        repo_id = None
+    envelope = Envelope(kind=kind, request_id=rid, repo_id=repo_id, celery_protocol=protocol)
+    return Decoded(envelope=envelope, request=request)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+_RANGE_ERRORS = {"greater_than_equal", "less_than_equal", "greater_than", "less_than"}
+
+
+def _reason_for(error_type: str, loc: tuple[Any, ...]) -> str:
+    if error_type == "missing":
+        return "missing_field"
+    if error_type in _RANGE_ERRORS:
+        return "out_of_range"
+    if error_type.startswith(("datetime", "date", "time")) or (
+        loc and loc[-1] in ("created_at", "timestamp")
+    ):
+        return "invalid_timestamp"
+    if error_type == "model_type" and len(loc) <= 1:
+        return "wrong_type"
+    return "invalid_field"
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    """('analysis_run', 3, 'created_at') → 'analysis_run[3].created_at'."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in ("int", "str", "function-after[_as_utc(), datetime]"):
+            continue  # union/validator branch labels say nothing to a person
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "request"
+
+
+def validate_request(obj: Any) -> TrainingRequest:
+    """Validate a request object; the error names the list, the row index and the field."""
+    if not isinstance(obj, dict):
+        raise InvalidRequest(
+            "wrong_type", f"the request must be a JSON object, not {type(obj).__name__}"
+        )
+    try:
+        return TrainingRequest.model_validate(obj)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        first = errors[0]
+        loc = tuple(first["loc"])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise InvalidRequest(
+            _reason_for(first["type"], loc), f"{_where(loc)}: {first['msg']}{more}"
+        ) from None
+
+
+def parse_request(body: bytes) -> TrainingRequest:
+    """A plain JSON request body → a validated request (the offline `run` path)."""
+    return validate_request(parse_json(body))
+
+
+# --- replies (SPEC §5) -----------------------------------------------------------------------
+
+CELERY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+_REPLY_NAMESPACE = uuid.UUID("6f1d3a52-5e0c-4c1e-9a37-0d2b1f6d8e11")
+
+
+class Reply(BaseModel):
+    """A reply ready to publish: body bytes, AMQP headers and content type."""
+
+    model_config = ConfigDict(frozen=True)
+
+    body: bytes
+    headers: dict[str, Any]
+    content_type: str = "application/json"
+
+
+def reply_task_id(request_id: str) -> str:
+    """A stable Celery task id per request: a re-published result carries the same id."""
+    return str(uuid.uuid5(_REPLY_NAMESPACE, request_id))
+
+
+def encode_json_reply(result: TrainingResult) -> Reply:
+    return Reply(body=orjson.dumps(result.model_dump(mode="json")), headers={})
+
+
+def encode_celery_reply(result: TrainingResult, task_name: str, origin: str) -> Reply:
+    """A Celery protocol-2 task message that a stock Celery worker executes.
+
+    Celery needs the JSON content type and the full three-element body; without them its worker
+    crashes on the message, and again on every restart (NOTES.md).
+    """
+    kwargs = {
+        "deployflag_results": [
+            {"issue_shortcode": s.issue_shortcode, "issue_weight": s.issue_weight}
+            for s in result.scores
+        ],
+        "repo_id": result.repo_id,
+    }
+    task_id = reply_task_id(result.request_id)
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": task_name,
+        "id": task_id,
+        "root_id": task_id,
+        "parent_id": None,
+        "group": None,
+        "retries": 0,
+        "eta": None,
+        "expires": None,
+        "timelimit": [None, None],
+        "argsrepr": "()",
+        "kwargsrepr": f"{{'repo_id': {result.repo_id!r}, 'deployflag_results': "
+        f"<{len(result.scores)} scores>}}",
+        "origin": origin,
+        "ignore_result": True,
+    }
+    return Reply(body=orjson.dumps([[], kwargs, CELERY_EMBED]), headers=headers)

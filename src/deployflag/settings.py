@@ -1,0 +1,301 @@
+"""One settings object, built once from the environment and `.env`, then passed down.
+
+Every field is read from ``DEPLOYFLAG_<FIELD>``; a few also answer to the original service's names
+(``CELERY_BROKER_URL``, ``USE_DB`` …) when the new name is unset. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    AliasChoices,
+    ByteSize,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from deployflag.pipeline.config import DEFAULT_PARAM_GRID, ModelSpec, PipelineConfig, Weights
+from deployflag.redaction import redact
+
+ENV_PREFIX = "DEPLOYFLAG_"
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names the variable and never holds a secret."""
+
+
+def _env(name: str, *legacy: str) -> AliasChoices:
+    """The new variable first, then the original service's names."""
+    return AliasChoices(ENV_PREFIX + name.upper(), *legacy)
+
+
+def _normalise_database_url(url: str) -> str:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ValueError(
+            "not a database URL (expected sqlite+aiosqlite:/// or postgresql+asyncpg://)"
+        ) from exc
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+asyncpg")
+    else:
+        raise ValueError(f"unsupported database {backend!r}: use SQLite or PostgreSQL")
+    return parsed.render_as_string(hide_password=False)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Frozen: build it once with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        extra="ignore",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    # --- broker -----------------------------------------------------------------------------
+    amqp_url: SecretStr = Field(
+        SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
+        validation_alias=_env("amqp_url", "CELERY_BROKER_URL"),
+        description="Broker URL, amqp:// or amqps://.",
+    )
+    exchange: str = Field(
+        "deployflag",
+        validation_alias=_env("exchange", "AMQP_EXCHANGE_NAME"),
+        description="Direct exchange every queue is bound to.",
+    )
+    collect_queue: str = Field("deployflag_collect_data", description="Upstream's own queue.")
+    training_queue: str = Field("deployflag_training", description="Training requests.")
+    result_queue: str = Field("deployflag_save_result", description="Results for the upstream.")
+    failed_queue: str = Field("deployflag_failed", description="Parked requests, with reasons.")
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic", description="classic, or quorum for RabbitMQ clusters."
+    )
+    training_task_name: str = Field(
+        "deployflag.contrib.ocave.tasks.process_data_from_ocave",
+        description="Celery task name accepted on the training queue.",
+    )
+    result_task_name: str = Field(
+        "contrib.deployflag.tasks.store_results_from_deployflag",
+        validation_alias=_env("result_task_name", "OCAVE_TASK_NAME"),
+        description="Celery task name of the upstream's result handler.",
+    )
+    reply_format: Literal["auto", "json", "celery"] = Field(
+        "auto", description="auto answers in the envelope the request came in."
+    )
+
+    # --- database ---------------------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), description="Where the default SQLite file lives.")
+    database_url: SecretStr | None = Field(
+        None,
+        description="sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER:PASS@HOST/DB "
+        "(default: DATA_DIR/deployflag.db).",
+    )
+    auto_migrate: bool = Field(False, description="Migrate at start on PostgreSQL.")
+    migrations_dir: Path | None = Field(None, description="Alembic scripts (found by default).")
+    # The original's database variables, used only when DEPLOYFLAG_DATABASE_URL is unset.
+    use_db: Literal["sqlite3", "sqlite", "postgresql", "postgres"] | None = Field(
+        None, validation_alias=AliasChoices("USE_DB"), description="Legacy: sqlite3 or postgresql."
+    )
+    sqlite_db_path: Path | None = Field(
+        None, validation_alias=AliasChoices("SQLITE_DB_PATH"), description="Legacy SQLite path."
+    )
+    pg_db_name: str | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_NAME"))
+    pg_db_user: str | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_USER"))
+    pg_db_password: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_PASSWORD")
+    )
+    pg_db_host: str | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_HOST"))
+    pg_db_port: int | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_PORT"))
+
+    # --- work -------------------------------------------------------------------------------
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=256,
+        description="Training processes (default: CPU count).",
+    )
+    prefetch: int | None = Field(
+        None, ge=1, description="Unacked messages held (default: workers)."
+    )
+    drain_timeout: float = Field(
+        60.0, gt=0, description="Seconds to finish in-flight work on stop."
+    )
+    job_time_limit: float = Field(
+        1500.0,
+        gt=0,
+        description="Seconds one training may take; below RabbitMQ's consumer_timeout (30 min).",
+    )
+    max_attempts: int = Field(3, ge=1, description="Tries before a request is parked.")
+    max_message_bytes: ByteSize = Field(
+        ByteSize(64 * 1024 * 1024), gt=0, description="Largest request body accepted."
+    )
+    worker_memory_limit: ByteSize = Field(
+        ByteSize(4 * 1024**3),
+        ge=0,
+        description="Address-space limit per training process (RLIMIT_AS); 0 disables it.",
+    )
+    retry_backoff_initial: float = Field(1.0, gt=0, description="First retry delay, seconds.")
+    retry_backoff_max: float = Field(30.0, gt=0, description="Longest retry delay, seconds.")
+
+    # --- computation ------------------------------------------------------------------------
+    w1: float = Field(0.3, ge=0, le=1, description="Weight of the daily weighted fix rate.")
+    w2: float = Field(0.3, ge=0, le=1, description="Weight of the historical weighted fix rate.")
+    w3: float = Field(0.2, ge=0, le=1, description="Weight of the model's fix probability.")
+    w4: float = Field(0.2, ge=0, le=1, description="Weight of the severity.")
+    long_gap_days: int = Field(20, ge=0, description="days_after_last_fixed: 'Long' from here on.")
+    model_estimator: Literal["HistGradientBoostingClassifier"] = Field(
+        "HistGradientBoostingClassifier", description="scikit-learn estimator."
+    )
+    model_param_grid: dict[str, list[Any]] = Field(
+        default_factory=lambda: dict(DEFAULT_PARAM_GRID), description="Grid, as JSON."
+    )
+    model_cv_folds: int = Field(2, ge=2, le=10, description="Cross-validation folds.")
+    model_random_state: int = Field(0, description="Seed: the same request gives the same weights.")
+
+    # --- operations -------------------------------------------------------------------------
+    http_host: str = Field("127.0.0.1", description="Health and metrics endpoint address.")
+    http_port: int = Field(8080, ge=0, le=65535, description="Health and metrics port (0: off).")
+    log_format: Literal["json", "console"] = Field("json", description="json or console.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Log level."
+    )
+    loop_stall_seconds: float = Field(
+        10.0, gt=0, description="/healthz fails when the event loop lags more than this."
+    )
+    sentry_dsn: SecretStr | None = Field(
+        None,
+        validation_alias=_env("sentry_dsn", "SENTRY_DSN"),
+        description="Report errors to Sentry (needs the sentry extra).",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("sentry_dsn", "database_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip() in ("", "''", '""') else value
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        total = self.w1 + self.w2 + self.w3 + self.w4
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(
+                f"DEPLOYFLAG_W1 + DEPLOYFLAG_W2 + DEPLOYFLAG_W3 + DEPLOYFLAG_W4 must sum to 1, "
+                f"not {total:g}"
+            )
+        variable = "DEPLOYFLAG_DATABASE_URL" if self.database_url else "USE_DB/SQLITE_DB_PATH/PG_*"
+        url = self.database_url.get_secret_value() if self.database_url else self._legacy_db_url()
+        try:
+            normalised = _normalise_database_url(url)
+        except ValueError as exc:
+            raise ValueError(f"{variable}: {exc}") from None
+        object.__setattr__(self, "database_url", SecretStr(normalised))
+        return self
+
+    def _legacy_db_url(self) -> str:
+        if self.use_db in ("postgresql", "postgres"):
+            return URL.create(
+                "postgresql+asyncpg",
+                username=self.pg_db_user,
+                password=self.pg_db_password.get_secret_value() if self.pg_db_password else None,
+                host=self.pg_db_host or "127.0.0.1",
+                port=self.pg_db_port,
+                database=self.pg_db_name or "deployflag",
+            ).render_as_string(hide_password=False)
+        path = self.sqlite_db_path or (self.data_dir / "deployflag.db")
+        return f"sqlite+aiosqlite:///{path}"
+
+    # --- derived views ----------------------------------------------------------------------
+    @property
+    def db_url(self) -> str:
+        """The database URL, secret included: hand it to SQLAlchemy, never to a log."""
+        assert self.database_url is not None  # set by _derive
+        return self.database_url.get_secret_value()
+
+    @property
+    def broker_url(self) -> str:
+        return self.amqp_url.get_secret_value()
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.db_url.startswith("sqlite")
+
+    @property
+    def effective_prefetch(self) -> int:
+        return self.prefetch or self.workers
+
+    def pipeline_config(self) -> PipelineConfig:
+        return PipelineConfig(
+            weights=Weights(w1=self.w1, w2=self.w2, w3=self.w3, w4=self.w4),
+            long_gap_days=self.long_gap_days,
+            model=ModelSpec(
+                estimator=self.model_estimator,
+                param_grid=self.model_param_grid,
+                cv_folds=self.model_cv_folds,
+                random_state=self.model_random_state,
+            ),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """A loggable summary: URLs with their passwords redacted."""
+        return {
+            "amqp_url": redact(self.broker_url),
+            "database_url": redact(self.db_url),
+            "workers": self.workers,
+            "prefetch": self.effective_prefetch,
+            "queue_type": self.queue_type,
+            "reply_format": self.reply_format,
+            "job_time_limit": self.job_time_limit,
+            "max_attempts": self.max_attempts,
+        }
+
+
+def env_name(field: str) -> str:
+    """The variable that sets ``field`` (its new name)."""
+    if field.isupper():  # already a variable name (errors carry the alias that was read)
+        return field
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info else None
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        if isinstance(first, str):
+            return first
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into one :class:`ConfigError` line."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            loc = err["loc"]
+            message = redact(err["msg"].removeprefix("Value error, "))
+            problems.append(f"{env_name(str(loc[0]))}: {message}" if loc else message)
+        raise ConfigError("; ".join(problems)) from None

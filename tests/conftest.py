@@ -1,0 +1,6 @@
+"""Shared fixtures live in tests/support/*; this file only registers them."""
+
+pytest_plugins = [
+    "tests.support.postgres",
+    "tests.support.rabbit",
+]
