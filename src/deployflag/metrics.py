@@ -66,7 +66,7 @@ class Metrics:
     def __init__(self, *, process_metrics: bool = True) -> None:
         # The *_created series double every counter and histogram for a timestamp nobody alerts
         # on. The switch is process-wide in prometheus_client; every Metrics wants it off.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
 
