@@ -2,5 +2,5 @@
 
 pytest_plugins = [
     "tests.support.postgres",
-    "tests.support.rabbit",
+    "tests.support.broker",
 ]

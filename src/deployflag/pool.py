@@ -1,0 +1,120 @@
+"""The process pool that does the CPU-bound work, and what to do when a worker dies.
+
+A ProcessPoolExecutor whose worker dies (SIGKILL, the OOM killer, a segfault) is broken for good:
+every pending future fails with BrokenProcessPool. This wrapper rebuilds it once per breakage,
+kills it on purpose when a job runs past the time limit, and tells the caller which of the two
+happened so the attempt can be counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+from deployflag import logs, worker
+from deployflag.settings import Settings
+
+T = TypeVar("T")
+log = logs.get_logger("deployflag.pool")
+
+
+class WorkerCrashed(Exception):
+    """The worker process running the job died, or the pool broke under it; retry the job."""
+
+
+class JobTimeLimit(Exception):
+    """The job ran past the time limit; its worker was killed."""
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, on_rebuild: Callable[[str], None] | None = None) -> None:
+        self._settings = settings
+        self._on_rebuild = on_rebuild
+        self._executor: ProcessPoolExecutor | None = None
+        self._generation = 0
+        self._lock = asyncio.Lock()
+        worker.cap_threads()  # inherited by the forkserver and every worker it forks
+        # forkserver: workers are forked from a clean server process that never ran an event
+        # loop, with numpy and scikit-learn already imported there (fast rebuilds).
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(["deployflag.worker", "deployflag.pipeline"])
+
+    @property
+    def alive(self) -> bool:
+        return self._executor is not None
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def _new_executor(self) -> ProcessPoolExecutor:
+        s = self._settings
+        return ProcessPoolExecutor(
+            max_workers=s.workers,
+            mp_context=self._context,
+            initializer=worker.init_worker,
+            initargs=(s.log_format, s.log_level, int(s.worker_memory_limit)),
+        )
+
+    async def start(self) -> None:
+        """Create the executor and wait until every worker has imported its libraries."""
+        self._executor = self._new_executor()
+        loop = asyncio.get_running_loop()
+        pings = [
+            loop.run_in_executor(self._executor, worker.ping) for _ in range(self._settings.workers)
+        ]
+        await asyncio.gather(*pings)
+
+    async def run(self, fn: Callable[..., T], *args: Any, time_limit: float | None = None) -> T:
+        """Run ``fn(*args)`` in a worker. Raises WorkerCrashed or JobTimeLimit on those events;
+        the job's own exceptions pass through unchanged."""
+        executor = self._executor
+        if executor is None:
+            raise WorkerCrashed("the pool is not running")
+        generation = self._generation
+        try:
+            future = executor.submit(fn, *args)
+        except (BrokenProcessPool, RuntimeError) as exc:
+            await self._rebuild(generation, "crash")
+            raise WorkerCrashed(str(exc) or "the pool is broken") from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), time_limit)
+        except TimeoutError:
+            await self._rebuild(generation, "time_limit")
+            raise JobTimeLimit(f"ran past the {time_limit:g} s time limit") from None
+        except BrokenProcessPool as exc:
+            await self._rebuild(generation, "crash")
+            raise WorkerCrashed(str(exc) or "a worker process died") from None
+
+    async def _rebuild(self, generation: int, cause: str) -> None:
+        """Replace the executor once per breakage, however many jobs noticed it."""
+        async with self._lock:
+            if generation != self._generation or self._executor is None:
+                return
+            old, self._executor = self._executor, None
+            self._generation += 1
+            log.warning("pool rebuild", cause=cause, generation=self._generation)
+            await asyncio.to_thread(_kill, old)
+            if self._on_rebuild is not None:
+                self._on_rebuild(cause)
+            self._executor = self._new_executor()
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            await asyncio.to_thread(_kill, self._executor)
+            self._executor = None
+
+
+def _kill(executor: ProcessPoolExecutor) -> None:
+    # The executor has no public way to stop a running job (3.14 adds kill_workers()).
+    processes = dict(getattr(executor, "_processes", None) or {})
+    for process in processes.values():
+        if process.is_alive():
+            process.kill()
+    executor.shutdown(wait=False, cancel_futures=True)
+    for process in processes.values():
+        process.join(timeout=5)

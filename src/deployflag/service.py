@@ -1,0 +1,209 @@
+"""`deployflag serve`: wiring, start-up and shutdown.
+
+Start-up: settings → logs → database (migrated) → worker pool (warm) → broker topology → HTTP →
+consumer → READY=1. Shutdown on SIGTERM/SIGINT, in dramatiq's order: stop taking messages, keep the
+connection up (heartbeats, acks) while in-flight work finishes within the drain timeout, hand back
+what is left, then close everything. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+
+from deployflag import __version__, logs, sentry, systemd
+from deployflag.broker import topology
+from deployflag.broker.connection import connect
+from deployflag.broker.publisher import Publisher
+from deployflag.errors import FatalError, TransientError
+from deployflag.exitcodes import RET_BROKER, RET_DATABASE, RET_OK
+from deployflag.handler import MessageHandler
+from deployflag.health import Health, monitor_loop
+from deployflag.http import start_http
+from deployflag.metrics import Metrics
+from deployflag.pool import WorkerPool
+from deployflag.redaction import redact
+from deployflag.settings import Settings
+from deployflag.store.repository import Store
+
+log = logs.get_logger("deployflag.service")
+BROKER_CONNECT_PATIENCE = 30.0  # seconds to wait for the broker at start before giving up
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = Health()
+        self.stopping = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[Any]] = []
+        self._store: Store | None = None
+        self._pool: WorkerPool | None = None
+        self._connection: AbstractRobustConnection | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._http: Any = None
+        self._handler: MessageHandler | None = None
+
+    # --- start --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        log.info("starting", version=__version__, **s.describe())
+        self._background.append(asyncio.create_task(monitor_loop(self.health, self.metrics)))
+        self._http = await start_http(s, self.health, self.metrics)
+
+        try:
+            self._store = await Store.open(s)
+        except TransientError as exc:
+            raise FatalError(f"database unreachable: {exc}", RET_DATABASE) from None
+        self.health.database_ok = True
+        self.metrics.database_ok.set(1)
+
+        self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild)
+        await self._pool.start()
+        self.health.pool_alive = True
+
+        self._connection = await self._connect()
+        consume_channel = await self._connection.channel()
+        await consume_channel.set_qos(prefetch_count=s.effective_prefetch)
+        publish_channel = await self._connection.channel(publisher_confirms=True)
+        declared = await topology.declare(publish_channel, s)
+        self._queue = await consume_channel.get_queue(s.training_queue, ensure=True)
+        publisher = Publisher(publish_channel, declared.exchange, s)
+        handler = MessageHandler(
+            s, self._store, self._pool, publisher, self.metrics, self.health, self.stopping
+        )
+        self._handler = handler
+        self._connection.close_callbacks.add(self._on_connection_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
+        self._consumer_tag = await self._queue.consume(self._dispatch)
+        self._set_consuming(True)
+        systemd.notify("READY=1\nSTATUS=consuming " + s.training_queue)
+        self._background.append(asyncio.create_task(systemd.watchdog_task(self.health)))
+        log.info("consuming", queue=s.training_queue, prefetch=s.effective_prefetch)
+
+    async def _connect(self) -> AbstractRobustConnection:
+        delay, waited = 0.5, 0.0
+        error: Exception
+        while True:
+            try:
+                return await connect(self.settings)
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                error = exc
+            except Exception as exc:  # aio-pika wraps auth errors etc. in its own types
+                if "ACCESS_REFUSED" in str(exc) or "authentication" in str(exc).lower():
+                    raise FatalError(
+                        f"broker refused the credentials of "
+                        f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
+                        78,
+                    ) from None
+                error = exc
+            if waited >= BROKER_CONNECT_PATIENCE or self.stopping.is_set():
+                raise FatalError(
+                    f"broker unreachable at {redact(self.settings.broker_url)}: "
+                    f"{redact(str(error))}",
+                    RET_BROKER,
+                )
+            log.warning("broker not reachable yet", error=redact(str(error)), retry_in=delay)
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
+    async def _dispatch(self, message: AbstractIncomingMessage) -> None:
+        # Our own task per delivery (the prefetch window bounds how many exist), not aiormq's:
+        # aiormq cancels its tasks when a channel closes, which would throw away a training that
+        # can still be recorded, and answered by the redelivered copy.
+        assert self._handler is not None
+        task = asyncio.create_task(self._handler(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _set_consuming(self, ready: bool) -> None:
+        self.health.consumer_ready = ready
+        self.metrics.consumer_ready.set(1 if ready else 0)
+
+    def _on_connection_lost(self, *_: Any) -> None:
+        if not self.stopping.is_set():
+            log.warning("broker connection lost; reconnecting")
+        self._set_consuming(False)
+
+    def _on_reconnected(self, *_: Any) -> None:
+        # The robust channel re-declares the queue and re-registers the consumer on reconnect.
+        log.info("broker connection restored; consumer re-registered")
+        self._set_consuming(not self.stopping.is_set())
+
+    def _on_pool_rebuild(self, cause: str) -> None:
+        self.metrics.pool_rebuilds.labels(cause=cause).inc()
+
+    # --- stop ---------------------------------------------------------------------------------
+
+    async def drain_and_close(self) -> None:
+        s = self.settings
+        self.health.draining = True
+        self._set_consuming(False)
+        systemd.notify("STOPPING=1")
+        log.info("stopping: no new messages", in_flight=len(self._tasks))
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 10)
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=s.drain_timeout)
+            if pending:
+                log.warning("drain timeout: handing messages back", count=len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=10)
+        await self.close()
+        log.info("stopped")
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._connection.close(), 10)
+        if self._pool is not None:
+            await self._pool.close()
+            self.health.pool_alive = False
+        if self._store is not None:
+            await self._store.close()
+        if self._http is not None:
+            await self._http.cleanup()
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; returns the exit code."""
+    sentry.init_sentry(settings)
+    service = Service(settings)
+    loop = asyncio.get_running_loop()
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            log.warning("second signal: exiting at once", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("signal received: draining", signal=signal.Signals(signum).name)
+        service.stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        try:
+            await service.start()
+        except BaseException:
+            await service.close()
+            raise
+        await service.stopping.wait()
+        await service.drain_and_close()
+        return RET_OK
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)

@@ -1,0 +1,157 @@
+"""What runs inside the pool's worker processes: decode, validate, compute.
+
+Every function here is module-level and picklable, takes raw bytes, and returns small objects:
+the event loop never parses a large body. The initializer imports numpy and scikit-learn once per
+process and caps their threads, so N workers never run N × cores threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import resource
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from deployflag import logs
+from deployflag.errors import InvalidRequest
+from deployflag.messages import Computation, Envelope, decode, validate_request
+from deployflag.pipeline.config import PipelineConfig
+
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_PR_SET_PDEATHSIG = 1
+_limits: Any = None  # keeps threadpoolctl's limit alive for the life of the process
+
+
+def cap_threads() -> None:
+    """One BLAS/OpenMP thread per process; call before numpy/scikit-learn are imported."""
+    for name in _THREAD_ENV:
+        os.environ[name] = "1"
+
+
+def init_worker(log_format: str, log_level: str, memory_limit: int) -> None:
+    """Pool initializer: logging, one thread, heavy imports, then the address-space limit."""
+    global _limits
+    cap_threads()
+    _die_with_parent()
+    # The service drains on SIGTERM/SIGINT and then stops its workers itself; a Ctrl-C or a
+    # supervisor's signal to the whole process group must not kill jobs mid-drain.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.configure(log_format, log_level)
+    import sklearn.ensemble  # noqa: F401  (import once here, not per message)
+    from threadpoolctl import threadpool_limits
+
+    import deployflag.pipeline  # noqa: F401
+
+    # threadpool_limits only caps libraries already loaded: hence after the imports.
+    _limits = threadpool_limits(limits=1)
+    if memory_limit > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this worker when the process that forked it dies (no orphans that train
+    on after the service was killed)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the pool's own EOF handling still applies
+        pass
+
+
+def ping() -> int:
+    """Warm-up and liveness probe: the pid of the worker that answered."""
+    return os.getpid()
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A delivery that is not a valid request: park it under this id with this reason."""
+
+    request_id: str
+    reason: str
+    message: str
+
+
+def fallback_id(body: bytes, headers: Mapping[str, Any], message_id: str | None) -> str:
+    """The best id for a message that could not be decoded (for the audit row and logs)."""
+    header_id = headers.get("id")
+    if isinstance(header_id, str) and 0 < len(header_id) <= 255:
+        return header_id
+    return message_id or hashlib.sha256(body).hexdigest()
+
+
+def identify(
+    body: bytes,
+    headers: Mapping[str, Any],
+    message_id: str | None,
+    content_type: str | None,
+    task_name: str,
+) -> Envelope | Rejected:
+    """Recognise the envelope and the request id, or say why the delivery is not a request."""
+    try:
+        return decode(
+            body, headers, message_id=message_id, content_type=content_type, task_name=task_name
+        ).envelope
+    except InvalidRequest as exc:
+        return Rejected(fallback_id(body, headers, message_id), exc.reason, exc.message)
+
+
+@dataclass(frozen=True)
+class Computed:
+    computation: Computation
+    seconds: float
+    pid: int
+
+
+def process(
+    body: bytes,
+    headers: Mapping[str, Any],
+    message_id: str | None,
+    content_type: str | None,
+    task_name: str,
+    config: PipelineConfig,
+) -> Computed:
+    """Decode, validate and compute one request. Raises InvalidRequest for bad data."""
+    from deployflag.pipeline import compute
+
+    started = time.perf_counter()
+    decoded = decode(
+        body, headers, message_id=message_id, content_type=content_type, task_name=task_name
+    )
+    envelope = decoded.envelope
+    with structlog.contextvars.bound_contextvars(
+        request_id=envelope.request_id, repo_id=envelope.repo_id
+    ):
+        log = logs.get_logger("deployflag.worker")
+        request = validate_request(decoded.request)
+        try:
+            computation = compute(request, config)
+        except MemoryError:
+            # Hit DEPLOYFLAG_WORKER_MEMORY_LIMIT: this payload is too big for a worker.
+            raise InvalidRequest(
+                "memory_limit", "the request needs more memory than DEPLOYFLAG_WORKER_MEMORY_LIMIT"
+            ) from None
+        except (ValueError, ArithmeticError) as exc:
+            # Data the pipeline cannot handle is the message's fault: park, do not retry.
+            raise InvalidRequest("pipeline_rejected", f"{type(exc).__name__}: {exc}") from None
+        except Exception as exc:
+            # Anything else is a bug; retrying the same data cannot help. Only builtin exception
+            # types cross back to the loop, so the loop never needs numpy to unpickle them.
+            raise InvalidRequest("pipeline_error", f"{type(exc).__name__}: {exc}") from None
+        seconds = time.perf_counter() - started
+        log.debug(
+            "computed",
+            rows=len(request.analysis_run) + len(request.historical_run),
+            seconds=round(seconds, 4),
+            trained=computation.model.trained,
+        )
+    return Computed(computation, seconds, os.getpid())
