@@ -1,0 +1,85 @@
+"""The async engine, tuned per backend: SQLite as a local file, PostgreSQL as a shared server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from deployflag.settings import Settings
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_POOL_SIZE = 5
+PG_MAX_OVERFLOW = 10
+PG_CONNECT_TIMEOUT = 10.0  # seconds to open one connection
+PG_COMMAND_TIMEOUT = 60.0  # seconds for one statement; no query here should come close
+POOL_TIMEOUT = 30.0  # seconds to wait for a free pooled connection
+
+
+def sqlite_path(url: URL) -> Path | None:
+    """The file behind a SQLite URL, or None for an in-memory database."""
+    database = url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """An engine for ``settings.db_url``; nothing connects until first use."""
+    url = make_url(settings.db_url)
+    if settings.is_sqlite:
+        return _sqlite_engine(url)
+    return _postgres_engine(url)
+
+
+def _sqlite_engine(url: URL) -> AsyncEngine:
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(
+        url,
+        pool_timeout=POOL_TIMEOUT,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+    )
+    sync_engine = engine.sync_engine
+
+    @event.listens_for(sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy, not the driver, decide where transactions begin (see _on_begin); this also
+        # keeps the driver from committing before DDL, so a migration is one transaction.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        # Take the write lock up front: concurrent writers queue on busy_timeout instead of failing
+        # with SQLITE_BUSY when a deferred read lock cannot be upgraded. Writes here take
+        # milliseconds, so serialising them costs nothing; WAL readers are never blocked.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _postgres_engine(url: URL) -> AsyncEngine:
+    return create_async_engine(
+        url,
+        pool_pre_ping=True,  # a restarted server leaves dead connections in the pool
+        pool_size=PG_POOL_SIZE,
+        max_overflow=PG_MAX_OVERFLOW,
+        pool_timeout=POOL_TIMEOUT,
+        pool_recycle=1800,
+        connect_args={
+            "timeout": PG_CONNECT_TIMEOUT,
+            "command_timeout": PG_COMMAND_TIMEOUT,
+            "server_settings": {"application_name": "deployflag"},
+        },
+    )

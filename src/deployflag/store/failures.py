@@ -1,0 +1,140 @@
+"""Turn database exceptions into the service's error types, with one-line, secret-free messages.
+
+Transient: the database is unreachable, restarting, overloaded or timed out — retry with backoff.
+Fatal: the configuration is wrong (password, database name, schema) — stop and tell the operator.
+Anything else (a bug, a constraint we did not expect) is left as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+
+from deployflag.errors import DeployflagError, FatalError, TransientError
+from deployflag.redaction import redact
+
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
+MAX_DETAIL = 300
+
+# SQLSTATE codes (PostgreSQL appendix A) that mean "the configuration is wrong".
+_FATAL_SQLSTATE_CLASSES = ("28",)  # invalid authorization: bad password, no such role, pg_hba
+_FATAL_SQLSTATES = frozenset({"3D000", "42501"})  # no such database; permission denied
+# … and those that mean "try again later".
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")  # connection, rollback, resources,
+_TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})  # operator intervention, I/O; lock timeouts
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to name in a message about a database: never its password."""
+
+    where: str
+    password: str | None
+
+    @classmethod
+    def from_url(cls, url: str | URL) -> Target:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            return cls(f"SQLite file {parsed.database or ':memory:'}", None)
+        host = parsed.host or "localhost"
+        port = parsed.port or 5432
+        return cls(f"PostgreSQL at {host}:{port} (database {parsed.database})", parsed.password)
+
+    def scrub(self, text: str) -> str:
+        text = redact(text)
+        if self.password and len(self.password) >= 3:
+            text = text.replace(self.password, "***")
+        return text
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """The exception, what it wraps (``.orig``) and what caused it, outermost first."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        context = None if current.__suppress_context__ else current.__context__
+        for nxt in (getattr(current, "orig", None), current.__cause__, context):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    for attr in ("sqlstate", "pgcode"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, str) and len(value) == 5:
+            return value
+    return None
+
+
+def _detail(exc: BaseException) -> str:
+    """The driver's own words, first line only (SQLAlchemy's wrappers add SQL and links)."""
+    inner = [e for e in _chain(exc) if not isinstance(e, sa_exc.SQLAlchemyError)]
+    coded = [e for e in inner if _sqlstate(e)]
+    best = coded[-1] if coded else inner[0] if inner else exc
+    text = str(best).strip()
+    text = text.splitlines()[0] if text else type(best).__name__
+    # asyncpg errors translated by SQLAlchemy read "<class 'asyncpg....Error'>: message".
+    if text.startswith("<class '") and "'>: " in text:
+        text = text.split("'>: ", 1)[1]
+    return text[:MAX_DETAIL]
+
+
+def classify(exc: BaseException) -> type[TransientError] | type[FatalError] | None:
+    chain = list(_chain(exc))
+    for item in chain:
+        code = _sqlstate(item)
+        if code is None:
+            continue
+        if code in _FATAL_SQLSTATES or code.startswith(_FATAL_SQLSTATE_CLASSES):
+            return FatalError
+        if code in _TRANSIENT_SQLSTATES or code.startswith(_TRANSIENT_SQLSTATE_CLASSES):
+            return TransientError
+    for item in chain:
+        if isinstance(item, OSError | TimeoutError | sa_exc.TimeoutError):
+            return TransientError
+        if isinstance(item, sa_exc.DBAPIError) and item.connection_invalidated:
+            return TransientError
+        if isinstance(item, sa_exc.OperationalError | sa_exc.InterfaceError):
+            if "no such table" in str(item.orig):  # SQLite file replaced behind our back
+                return FatalError
+            return TransientError
+    return None
+
+
+def translate(exc: BaseException, target: Target) -> DeployflagError | None:
+    """The service's error for ``exc``, or None when it is not a database-availability problem."""
+    if isinstance(exc, DeployflagError):
+        return exc
+    kind = classify(exc)
+    detail = target.scrub(_detail(exc))
+    if kind is TransientError:
+        return TransientError(f"database unavailable: {target.where}: {detail}")
+    if kind is FatalError:
+        return FatalError(
+            f"database refused us: {target.where}: {detail} (check DEPLOYFLAG_DATABASE_URL)",
+            exit_code=EXIT_CONFIG,
+        )
+    return None
+
+
+@asynccontextmanager
+async def guard(target: Target) -> AsyncIterator[None]:
+    """Re-raise database trouble as :class:`TransientError` or :class:`FatalError`."""
+    try:
+        yield
+    except DeployflagError:
+        raise
+    except Exception as exc:
+        mapped = translate(exc, target)
+        if mapped is None:
+            raise
+        raise mapped from exc
