@@ -7,9 +7,11 @@ handler that would say "stalled" never runs. So liveness rests on two facts inst
   blocked right now answers no HTTP request at all; the health-checker's request times out, and
   every checker (Docker, Kubernetes, ``deployflag healthcheck``) counts a timeout as a failure.
   The systemd watchdog ping runs in the same loop, so it stops too.
-* A loop that was blocked and has just come back may serve a waiting ``/healthz`` request before
-  the monitor has run again. That request sees a ``last_tick`` older than the stall bound and
-  answers 503, so a long stall is reported even when the checker's timeout was generous.
+* A loop that was blocked and has just come back serves the requests that waited. Whether such a
+  handler runs before the monitor's next tick (``last_tick`` older than the bound) or just after it
+  (``last_lag`` above the bound), it answers 503: the check that was in flight during the stall
+  reports it, even when the checker's timeout was long enough to get an answer. The next check,
+  one monitor interval later, sees a healthy loop again.
 
 Readiness is the conjunction of the parts the service sets: consumer attached, database answered,
 worker pool alive, and not draining.
@@ -58,8 +60,11 @@ class Health:
         return (time.monotonic() if now is None else now) - self.last_tick
 
     def alive(self, now: float | None = None) -> bool:
-        """True while the loop monitor has ticked within the stall bound."""
-        return self.seconds_since_tick(now) <= self.stall_seconds
+        """True while the monitor ticks within the stall bound and its last lag stayed below it."""
+        return (
+            self.seconds_since_tick(now) <= self.stall_seconds
+            and self.last_lag <= self.stall_seconds
+        )
 
     def lag_max(self) -> float:
         """The largest lag among the recent samples (0 before the first)."""

@@ -30,10 +30,14 @@ SHUTDOWN_TIMEOUT = 2.0
 
 async def _healthz(request: web.Request) -> web.Response:
     health = request.app[HEALTH_KEY]
-    since = health.seconds_since_tick()
-    if since <= health.stall_seconds:
+    if health.alive():
         return web.json_response({"status": "ok"})
-    body = {"status": "stalled", "seconds_since_tick": round(since, 3)}
+    body = {
+        "status": "stalled",
+        "seconds_since_tick": round(health.seconds_since_tick(), 3),
+        "last_lag_seconds": round(health.last_lag, 3),
+        "stall_seconds": health.stall_seconds,
+    }
     return web.json_response(body, status=503)
 
 
