@@ -3,4 +3,5 @@
 pytest_plugins = [
     "tests.support.postgres",
     "tests.support.broker",
+    "tests.support.payloads",
 ]

@@ -138,10 +138,7 @@ class MessageHandler:
         if trace.outcome in ("ok", "duplicate", "parked"):
             label = "" if trace.outcome != "parked" else trace.reason
             self._metrics.requests.labels(outcome=trace.outcome, reason=label).inc()
-            if message.timestamp is not None:
-                sent = message.timestamp.replace(tzinfo=message.timestamp.tzinfo or UTC)
-                lag = (datetime.now(UTC) - sent).total_seconds()
-                self._metrics.publish_to_ack_seconds.observe(max(lag, 0.0))
+            self._metrics.observe_publish_to_ack(message.timestamp)
         log.info(
             "request finished",
             outcome=trace.outcome,

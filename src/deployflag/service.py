@@ -24,7 +24,7 @@ from deployflag.errors import FatalError, TransientError
 from deployflag.exitcodes import RET_BROKER, RET_DATABASE, RET_OK
 from deployflag.handler import MessageHandler
 from deployflag.health import Health, monitor_loop
-from deployflag.http import start_http
+from deployflag.http import start_http, stop_http
 from deployflag.metrics import Metrics
 from deployflag.pool import WorkerPool
 from deployflag.redaction import redact
@@ -39,7 +39,7 @@ class Service:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.health = Health()
+        self.health = Health.from_settings(settings)
         self.stopping = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[Any]] = []
@@ -174,8 +174,7 @@ class Service:
             self.health.pool_alive = False
         if self._store is not None:
             await self._store.close()
-        if self._http is not None:
-            await self._http.cleanup()
+        await stop_http(self._http)
 
 
 async def serve(settings: Settings) -> int:

@@ -1,0 +1,244 @@
+"""`deployflag serve` against the real RabbitMQ: replies, de-duplication, parking, signals.
+
+Each test starts the service as a subprocess on its own queues and talks to it as the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.support.broker import Names, ServiceProcess, Upstream, async_wait_until, rabbitmqctl
+
+pytestmark = pytest.mark.rabbitmq
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
+
+
+def metadata_rows(env: dict[str, str]) -> list[tuple[Any, ...]]:
+    path = env["DEPLOYFLAG_DATABASE_URL"].split("///", 1)[1]
+    with sqlite3.connect(path) as db:
+        return db.execute(
+            "SELECT request_id, repo_id, number_of_training_data_rows FROM model_performance_metadata"
+        ).fetchall()
+
+
+def outcomes(service: ServiceProcess) -> list[str]:
+    return [
+        line["outcome"] for line in service.log_lines() if line.get("event") == "request finished"
+    ]
+
+
+async def test_json_request_gets_json_reply_with_spec_weights_and_one_metadata_row(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+) -> None:
+    # Given a running service
+    start_service(service_env)
+    # When the upstream publishes the worked example of SPEC §4.5 as plain JSON
+    request_id = str(uuid.uuid4())
+    await upstream.publish(WORKED, message_id=request_id)
+    # Then one JSON reply arrives on the result queue with the weights of the SPEC
+    [reply] = await upstream.drain("save_result", 1, timeout=60)
+    assert reply.content_type == "application/json"
+    assert reply.correlation_id == request_id
+    result = orjson.loads(reply.body)
+    assert result["request_id"] == request_id
+    assert result["repo_id"] == 42
+    assert result["status"] == "ok"
+    [score] = result["scores"]
+    assert score["issue_shortcode"] == "PYL-W0611"
+    assert score["issue_weight"] == 41
+    assert score["daily_weighted_fix_rate"] == 0.5714
+    assert score["historical_weighted_fix_rate"] == 0.4
+    assert result["model"]["trained"] is False
+    assert result["model"]["skipped_reason"]
+    # And exactly one metadata row was recorded for it
+    assert [row[0] for row in metadata_rows(service_env)] == [request_id]
+
+
+async def test_reply_to_and_correlation_id_are_honoured(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+) -> None:
+    start_service(service_env)
+    private = await upstream.channel.declare_queue(exclusive=True)
+    await upstream.publish(WORKED, message_id="req-reply-to", reply_to=private.name)
+    message = await async_wait_until(
+        lambda: private.get(fail=False), timeout=60, what="a reply on the reply_to queue"
+    )
+    await message.ack()
+    assert message.correlation_id == "req-reply-to"
+    assert orjson.loads(message.body)["scores"][0]["issue_weight"] == 41
+    assert await upstream.count("save_result") == 0
+
+
+async def test_fifty_concurrent_requests_all_answered_and_a_repeated_id_trains_once(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+    sample_payload: bytes,
+) -> None:
+    service = start_service(service_env)
+    # 50 distinct requests at once
+    ids = [f"req-{i}" for i in range(50)]
+    await asyncio.gather(*(upstream.publish(sample_payload, message_id=i) for i in ids))
+    replies = await upstream.drain("save_result", 50, timeout=240)
+    assert sorted(r.correlation_id for r in replies) == sorted(ids)
+    # The same request id delivered five times: trained once, answered five times
+    for _ in range(5):
+        await upstream.publish(sample_payload, message_id="same-id")
+    again = await upstream.drain("save_result", 5, timeout=120)
+    assert {r.correlation_id for r in again} == {"same-id"}
+    assert len({r.body for r in again}) == 1, "every copy carries the one stored result"
+    rows = [row[0] for row in metadata_rows(service_env)]
+    assert rows.count("same-id") == 1
+    assert len(rows) == 51
+    await async_wait_until(
+        lambda: outcomes(service).count("duplicate") == 4, timeout=10, what="4 duplicates logged"
+    )
+    assert outcomes(service).count("ok") == 51
+
+
+BAD_INPUTS: list[tuple[str, bytes, dict[str, Any], str | None, str]] = [
+    # (name, body, headers, content_type, expected reason)
+    ("empty", b"", {}, "application/json", "empty_body"),
+    ("not json", b"{nope", {}, "application/json", "not_json"),
+    ("not utf-8", b'{"repo_id": "\xff"}', {}, "application/json", "not_utf8"),
+    ("array", b"[1, 2]", {}, "application/json", "unknown_envelope"),
+    ("number", b"42", {}, "application/json", "wrong_type"),
+    ("missing list", b'{"repo_id": 1, "analysis_run": []}', {}, None, "missing_field"),
+    (
+        "negative frequency",
+        b'{"repo_id": 1, "analysis_run": [], "historical_run": [{"timestamp": '
+        b'"2021-01-01T00:00:00", "shortcode": "X", "frequency": -1}]}',
+        {},
+        None,
+        "out_of_range",
+    ),
+    ("pickle", b"\x80\x04K\x01.", {}, "application/x-python-serialize", "unsupported_content_type"),
+    ("unknown task", b"[[{}], {}, {}]", {"task": "evil.task", "id": "t1"}, None, "unknown_task"),
+    (
+        "bad celery body",
+        b'{"a": 1}',
+        {"task": "deployflag.contrib.ocave.tasks.process_data_from_ocave", "id": "t2"},
+        None,
+        "bad_celery_body",
+    ),
+]
+
+
+async def test_bad_input_is_parked_with_its_reason_and_the_service_keeps_serving(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+) -> None:
+    service = start_service(service_env)
+    for index, (_, body, headers, ctype, _) in enumerate(BAD_INPUTS):
+        await upstream.publish(body, message_id=f"bad-{index}", headers=headers, content_type=ctype)
+    parked = await upstream.drain("failed", len(BAD_INPUTS), timeout=60)
+    reasons = {m.message_id: m.headers["x-deployflag-reason"] for m in parked}
+    expected = {f"bad-{i}": case[4] for i, case in enumerate(BAD_INPUTS)}
+    assert reasons == expected
+    for message in parked:
+        assert message.headers["x-deployflag-error"], "every parked message says why"
+    # The original headers travel with the parked copy
+    celery_parked = next(m for m in parked if m.message_id == "bad-8")
+    assert celery_parked.headers["task"] == "evil.task"
+    # And the service still answers a valid request
+    assert service.is_ready()
+    await upstream.publish(WORKED, message_id="after-bad")
+    [reply] = await upstream.drain("save_result", 1, timeout=60)
+    assert reply.correlation_id == "after-bad"
+    assert await upstream.count("training") == 0
+
+
+async def test_sigterm_during_training_finishes_the_request_and_exits_zero(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+    large_payload: bytes,
+) -> None:
+    service = start_service(service_env)
+    await upstream.publish(large_payload, message_id="long-one")
+    await async_wait_until(
+        lambda: in_flight(service) == 1,
+        timeout=60,
+        what="the request to be in flight",
+    )
+    service.signal(signal.SIGTERM)
+    assert service.wait(timeout=120) == 0
+    # Finished during the drain: the reply is there and nothing is left in the queue
+    [reply] = await upstream.drain("save_result", 1, timeout=10)
+    assert reply.correlation_id == "long-one"
+    assert await upstream.count("training") == 0
+
+
+async def test_sigterm_past_the_drain_timeout_hands_the_request_back(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+    large_payload: bytes,
+) -> None:
+    service = start_service(service_env, DEPLOYFLAG_DRAIN_TIMEOUT="0.2")
+    await upstream.publish(large_payload, message_id="handed-back")
+    await async_wait_until(lambda: in_flight(service) == 1, timeout=60, what="a request in flight")
+    service.signal(signal.SIGTERM)
+    assert service.wait(timeout=60) == 0
+    # Not lost: back in the queue for another instance
+    assert await async_wait_until(
+        lambda: upstream.count("training"), timeout=30, what="the request back in the queue"
+    )
+    assert await upstream.count("save_result") == 0
+
+
+async def test_broker_restart_reconnects_and_re_registers_the_consumer(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    rabbit_url: str,
+    names: Names,
+) -> None:
+    service = start_service(service_env)
+    rabbitmqctl("stop_app")
+    try:
+        await async_wait_until(lambda: not service.is_ready(), timeout=30, what="readiness to drop")
+    finally:
+        rabbitmqctl("start_app")
+        rabbitmqctl("await_startup")
+    await async_wait_until(service.is_ready, timeout=90, what="the service to be ready again")
+    async with Upstream(rabbit_url, names) as up:
+        assert (
+            await async_wait_until(
+                lambda: up.consumers("training"), timeout=30, what="the consumer to be registered"
+            )
+            == 1
+        )
+        await up.publish(WORKED, message_id="after-restart")
+        [reply] = await up.drain("save_result", 1, timeout=60)
+        assert reply.correlation_id == "after-restart"
+
+
+def in_flight(service: ServiceProcess) -> int:
+    """The service's in-flight gauge, read from /metrics (-1 when unreachable)."""
+    try:
+        url = f"http://127.0.0.1:{service.http_port}/metrics"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return -1
+    for line in text.splitlines():
+        if line.startswith("deployflag_in_flight "):
+            return int(float(line.split()[1]))
+    return -1
