@@ -59,7 +59,8 @@ def init_sentry(settings: Settings, **options: Any) -> bool:
     config: dict[str, Any] = {
         "dsn": settings.sentry_dsn.get_secret_value(),
         "release": f"deployflag@{__version__}",
-        "send_default_pii": False,
+        # No PII: send_default_pii stays unset, which means False on every sentry-sdk 2.x (newer
+        # releases deprecate the option in favour of data_collection, whose default is the same).
         "include_local_variables": False,
         "max_request_body_size": "never",
         "before_send": _before_send,

@@ -29,7 +29,8 @@ def metadata_rows(env: dict[str, str]) -> list[tuple[Any, ...]]:
     path = env["DEPLOYFLAG_DATABASE_URL"].split("///", 1)[1]
     with sqlite3.connect(path) as db:
         return db.execute(
-            "SELECT request_id, repo_id, number_of_training_data_rows FROM model_performance_metadata"
+            "SELECT request_id, repo_id, number_of_training_data_rows "
+            "FROM model_performance_metadata"
         ).fetchall()
 
 

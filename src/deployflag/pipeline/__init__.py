@@ -1,0 +1,31 @@
+"""The pure computation of SPEC §4: request in, weights and a model report out.
+
+``run`` and ``compute`` are module-level, picklable and free of I/O and global state, so the
+service can call them in process-pool workers.
+"""
+
+from __future__ import annotations
+
+from deployflag.messages import Computation, TrainingRequest, parse_request
+from deployflag.pipeline import events, features, model, scoring
+from deployflag.pipeline.config import PipelineConfig
+
+__all__ = ["compute", "run"]
+
+
+def run(body: bytes, config: PipelineConfig) -> Computation:
+    """Parse and validate a plain JSON request body, then compute (raises InvalidRequest)."""
+    return compute(parse_request(body), config)
+
+
+def compute(request: TrainingRequest, config: PipelineConfig) -> Computation:
+    cols = events.columns(request)
+    info = features.shortcode_info(request, cols)
+    rows = features.build(events.build(cols), info, config.long_gap_days)
+    trained = model.train(rows, config.model)
+    probabilities = scoring.fix_probabilities(rows, trained, len(info.names))
+    return Computation(
+        repo_id=request.repo_id,
+        scores=scoring.scores(rows, info, probabilities, config.weights),
+        model=trained.report,
+    )
