@@ -32,7 +32,6 @@ from deployflag.settings import Settings
 from deployflag.store.repository import Store
 
 log = logs.get_logger("deployflag.service")
-BROKER_CONNECT_PATIENCE = 30.0  # seconds to wait for the broker at start before giving up
 
 
 class Service:
@@ -105,7 +104,7 @@ class Service:
                         78,
                     ) from None
                 error = exc
-            if waited >= BROKER_CONNECT_PATIENCE or self.stopping.is_set():
+            if waited >= self.settings.broker_connect_timeout or self.stopping.is_set():
                 raise FatalError(
                     f"broker unreachable at {redact(self.settings.broker_url)}: "
                     f"{redact(str(error))}",

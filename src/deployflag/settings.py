@@ -97,6 +97,10 @@ class Settings(BaseSettings):
         "auto", description="auto answers in the envelope the request came in."
     )
 
+    broker_connect_timeout: float = Field(
+        30.0, gt=0, description="Seconds to keep trying the broker at start before exit 69."
+    )
+
     # --- database ---------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Where the default SQLite file lives.")
     database_url: SecretStr | None = Field(
