@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install services run test test-unit test-faults faults-report lint format bench bench-pipeline bench-service sample clean
+.PHONY: install services run test test-unit test-faults faults-report lint format bench bench-pipeline bench-service docs clean
 
 install: $(STAMP)  ## virtualenv with the package and its dev tools
 $(STAMP): pyproject.toml
@@ -49,6 +49,9 @@ bench-pipeline: install
 
 bench-service: install services
 	$(PY) benchmarks/bench_service.py
+
+docs: install  ## regenerate docs/settings.md from the settings class
+	$(PY) -m deployflag.settings_doc > docs/settings.md
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -214,8 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exitcodes.RET_DATABASE
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:  # a bug: one line here, the traceback in the log
+    except Exception as exc:  # a bug: one line here, the traceback in the log (and Sentry)
+        from deployflag import sentry
+
         logs.get_logger().exception("internal error")
+        sentry.capture(exc, request_id=None, repo_id=None)
+        sentry.flush()
         print(
             f"deployflag: internal error: {type(exc).__name__}: {redact(str(exc))}", file=sys.stderr
         )

@@ -117,13 +117,31 @@ class Settings(BaseSettings):
     sqlite_db_path: Path | None = Field(
         None, validation_alias=AliasChoices("SQLITE_DB_PATH"), description="Legacy SQLite path."
     )
-    pg_db_name: str | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_NAME"))
-    pg_db_user: str | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_USER"))
-    pg_db_password: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_PASSWORD")
+    pg_db_name: str | None = Field(
+        None,
+        validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_NAME"),
+        description="Legacy (USE_DB=postgresql): database name.",
     )
-    pg_db_host: str | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_HOST"))
-    pg_db_port: int | None = Field(None, validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_PORT"))
+    pg_db_user: str | None = Field(
+        None,
+        validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_USER"),
+        description="Legacy (USE_DB=postgresql): user.",
+    )
+    pg_db_password: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_PASSWORD"),
+        description="Legacy (USE_DB=postgresql): password.",
+    )
+    pg_db_host: str | None = Field(
+        None,
+        validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_HOST"),
+        description="Legacy (USE_DB=postgresql): host (default 127.0.0.1).",
+    )
+    pg_db_port: int | None = Field(
+        None,
+        validation_alias=AliasChoices("PG_DEPLOY_FLAG_DB_PORT"),
+        description="Legacy (USE_DB=postgresql): port.",
+    )
 
     # --- work -------------------------------------------------------------------------------
     workers: int = Field(
