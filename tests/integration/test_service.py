@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
 
@@ -243,3 +244,32 @@ def in_flight(service: ServiceProcess) -> int:
         if line.startswith("deployflag_in_flight "):
             return int(float(line.split()[1]))
     return -1
+
+
+async def test_quorum_queues_are_one_setting_away(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    rabbit_url: str,
+    names: Names,
+) -> None:
+    start_service(service_env, DEPLOYFLAG_QUEUE_TYPE="quorum")
+    vhost = rabbit_url.rsplit("/", 1)[1]
+    listing = rabbitmqctl("list_queues", "-p", vhost, "name", "type", "--no-table-headers")
+    types = dict(line.split() for line in listing.splitlines() if names.suffix in line)
+    assert set(types.values()) == {"quorum"}
+    assert len(types) == 4
+    # A quorum-queue upstream declares the same arguments; the service answers as before.
+    connection = await aio_pika.connect(rabbit_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(WORKED, message_id="quorum-1"), routing_key=names.queue("training")
+        )
+        results = await channel.declare_queue(
+            names.queue("save_result"), durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        reply = await async_wait_until(
+            lambda: results.get(fail=False), timeout=60, what="a reply on the quorum queue"
+        )
+        await reply.ack()
+        assert reply.correlation_id == "quorum-1"
