@@ -9,6 +9,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from deployflag.errors import FatalError
+from deployflag.exitcodes import RET_CONFIG
 from deployflag.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -38,7 +40,14 @@ def create_engine(settings: Settings) -> AsyncEngine:
 def _sqlite_engine(url: URL) -> AsyncEngine:
     path = sqlite_path(url)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FatalError(
+                f"cannot create the data directory {path.parent}: {exc.strerror or exc} "
+                "(check DEPLOYFLAG_DATA_DIR / DEPLOYFLAG_DATABASE_URL)",
+                exit_code=RET_CONFIG,
+            ) from None
     engine = create_async_engine(
         url,
         pool_timeout=POOL_TIMEOUT,

@@ -15,9 +15,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
 from deployflag.errors import DeployflagError, FatalError, TransientError
+from deployflag.exitcodes import RET_CONFIG
 from deployflag.redaction import redact
 
-EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h
 MAX_DETAIL = 300
 
 # SQLSTATE codes (PostgreSQL appendix A) that mean "the configuration is wrong".
@@ -121,7 +121,7 @@ def translate(exc: BaseException, target: Target) -> DeployflagError | None:
     if kind is FatalError:
         return FatalError(
             f"database refused us: {target.where}: {detail} (check DEPLOYFLAG_DATABASE_URL)",
-            exit_code=EXIT_CONFIG,
+            exit_code=RET_CONFIG,
         )
     return None
 

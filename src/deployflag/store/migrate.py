@@ -24,9 +24,10 @@ from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deployflag.errors import FatalError
+from deployflag.exitcodes import RET_CONFIG
 from deployflag.settings import Settings
 from deployflag.store.engine import create_engine
-from deployflag.store.failures import EXIT_CONFIG, Target, guard
+from deployflag.store.failures import Target, guard
 
 # pg_advisory_xact_lock key: any constant shared by every deployflag build ("deployfl" in ASCII).
 PG_MIGRATION_LOCK_KEY = 0x6465706C6F79666C
@@ -54,9 +55,9 @@ def head(settings: Settings | None = None) -> str:
     try:
         revision = ScriptDirectory.from_config(alembic_config(settings)).get_current_head()
     except CommandError as exc:
-        raise FatalError(f"migrations: {exc}", exit_code=EXIT_CONFIG) from None
+        raise FatalError(f"migrations: {exc}", exit_code=RET_CONFIG) from None
     if revision is None:
-        raise FatalError(f"no migrations found in {migrations_dir(settings)}", EXIT_CONFIG)
+        raise FatalError(f"no migrations found in {migrations_dir(settings)}", RET_CONFIG)
     return revision
 
 
@@ -116,7 +117,7 @@ async def _run(engine: AsyncEngine, settings: Settings, verb: str, revision: str
         try:
             await conn.run_sync(migrate)
         except CommandError as exc:
-            raise FatalError(f"migrate {verb} {revision}: {exc}", EXIT_CONFIG) from None
+            raise FatalError(f"migrate {verb} {revision}: {exc}", RET_CONFIG) from None
 
 
 def known_revisions(settings: Settings | None = None) -> set[str]:

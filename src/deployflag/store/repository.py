@@ -7,7 +7,10 @@ PostgreSQL speak that dialect; only the import of ``insert`` differs.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
@@ -22,13 +25,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from deployflag.errors import FatalError
+from deployflag.exitcodes import RET_CONFIG
 from deployflag.messages import TrainingResult
 from deployflag.pipeline.config import PipelineConfig
 from deployflag.redaction import redact
 from deployflag.settings import Settings
 from deployflag.store import migrate
 from deployflag.store.engine import create_engine
-from deployflag.store.failures import EXIT_CONFIG, Target, guard
+from deployflag.store.failures import Target, guard
 from deployflag.store.tables import (
     REASON_LENGTH,
     GridSearchParameter,
@@ -83,6 +87,11 @@ class Store:
         self._engine = engine
         self._settings = settings
         self._target = Target.from_url(engine.url)
+        # SQLite has one writer at a time. Queue this process's writers here, where waiting is
+        # free, rather than in SQLite's busy handler, which polls with sleeps of up to 100 ms.
+        self._writers: AbstractAsyncContextManager[Any] = (
+            asyncio.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        )
 
     @classmethod
     async def open(cls, settings: Settings) -> Store:
@@ -108,12 +117,12 @@ class Store:
             raise FatalError(
                 f"database schema is at {have}, which this build does not know "
                 f"(its newest is {want}): was it migrated by a newer deployflag?",
-                exit_code=EXIT_CONFIG,
+                exit_code=RET_CONFIG,
             )
         raise FatalError(
             f"database schema is at {have or 'no revision (empty database)'}, this build needs "
             f"{want}: run `python -m deployflag migrate`",
-            exit_code=EXIT_CONFIG,
+            exit_code=RET_CONFIG,
         )
 
     @property
@@ -138,6 +147,12 @@ class Store:
         """Raise :class:`TransientError` unless the database answers."""
         async with guard(self._target), self._engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One write transaction, committed on exit; database trouble mapped to our errors."""
+        async with self._writers, guard(self._target), self._engine.begin() as conn:
+            yield conn
 
     def _insert(self, table: Table) -> PgInsert | SqliteInsert:
         if self._engine.dialect.name == "postgresql":
@@ -175,7 +190,7 @@ class Store:
             },
             where=t.c.status != "done",
         ).returning(t.c.attempts)
-        async with guard(self._target), self._engine.begin() as conn:
+        async with self._transaction() as conn:
             attempts = (await conn.execute(upsert)).scalar_one_or_none()
             if attempts is not None:
                 return Claim(status="pending", attempts=attempts)
@@ -222,7 +237,7 @@ class Store:
             },
             where=t.c.status != "done",
         ).returning(t.c.id)
-        async with guard(self._target), self._engine.begin() as conn:
+        async with self._transaction() as conn:
             if (await conn.execute(finish)).first() is None:
                 stored = await conn.scalar(
                     select(t.c.result).where(t.c.request_id == result.request_id)
@@ -324,7 +339,7 @@ class Store:
             },
             where=t.c.status != "done",
         )
-        async with guard(self._target), self._engine.begin() as conn:
+        async with self._transaction() as conn:
             await conn.execute(upsert)
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:

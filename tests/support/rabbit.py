@@ -1,0 +1,1 @@
+"""RabbitMQ fixtures: a placeholder, to be filled in by the broker work."""
