@@ -37,7 +37,7 @@ class _Shape:
 
 
 _SHAPES: dict[str, _Shape] = {
-    "tiny": _Shape(300, 200, 4, 3, 8, 120),  # examples/sample-request.json
+    "tiny": _Shape(320, 280, 4, 6, 20, 180),  # examples/sample-request.json
     "small": _Shape(1_000, 1_000, 5, 4, 8, 365),
     "reference": _Shape(8_000, 7_000, 15, 10, 20, 730),
     "large": _Shape(80_000, 70_000, 60, 100, 200, 1_095),
@@ -129,15 +129,15 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
     bases_per_branch = 1 + rng.multinomial(
         shape.bases - shape.branches, [1 / shape.branches] * shape.branches
     )
-    segments: list[tuple[str, str | None, int, int]] = []  # branch, base_oid, start, end
+    segments: list[tuple[str, str, int, int]] = []  # branch, base_oid, start, end
     for b, n_bases in enumerate(bases_per_branch.tolist()):
         length = int(rng.uniform(5, 45) * _US_PER_DAY)
         b_start = int(rng.integers(start + _US_PER_DAY, end - length))
         cuts = np.linspace(b_start, b_start + length, n_bases + 1).astype(np.int64)
         for j in range(n_bases):
-            # A single-base branch sometimes has a null base_oid: null is then its one value.
-            oid = None if n_bases == 1 and rng.random() < 0.2 else rng.bytes(20).hex()
-            segments.append((f"feature-{b + 1}", oid, int(cuts[j]), int(cuts[j + 1])))
+            segments.append(
+                (f"feature-{b + 1}", rng.bytes(20).hex(), int(cuts[j]), int(cuts[j + 1]))
+            )
     n_daily_runs = math.ceil(shape.analysis / k)
     share = rng.dirichlet(np.full(len(segments), 2.0))
     runs_per_seg = 2 + rng.multinomial(n_daily_runs - 2 * len(segments), share)
@@ -161,8 +161,9 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
                 cur = np.where(fixes & (fix_at == i), cur - np.minimum(dropped, cur), cur)
             seq[i] = cur
         resolved = np.maximum(np.r_[seq[:1] * 0, seq[:-1] - seq[1:]], 0)
-        # In a multi-base branch a few runs carry no base_oid; §4.2 drops them.
-        null = rng.random(m) < (0.05 if oid is not None else 0.0)
+        # A few runs carry no base_oid (never a segment's first): §4.2 drops them.
+        null = rng.random(m) < 0.05
+        null[0] = False
         for i in range(m):
             run_id += 1
             commit = rng.bytes(20).hex()

@@ -123,7 +123,7 @@ class Features:
     def latest(self) -> tuple[I64, NDArray[np.intp]]:
         """(shortcode codes that have events, index of each one's latest row)."""
         starts = group_starts(self.code)
-        ends = np.r_[starts[1:], len(self.code)] - 1
+        ends = np.r_[starts[1:], len(self.code)][: len(starts)] - 1
         return self.code[starts], ends.astype(np.intp)
 
     def matrix(self) -> F64:

@@ -125,6 +125,23 @@ def evaluate(
     return params, round(auc, 4), round(precision, 4)
 
 
+def prior_auc(features: Features) -> float | None:
+    """Held-out ROC AUC of the per-shortcode prior, on the split `evaluate` uses: each
+    shortcode's fix rate in the older part scores its rows in the newer part (the older part's
+    overall rate for a shortcode it lacks). The bar a model has to clear; for the benchmark.
+    """
+    order = evaluation_order(features)
+    code, y = features.code[order], features.label[order]
+    cut = split(len(y))
+    if cut == 0 or np.unique(y[cut:]).size < 2:
+        return None
+    n = int(code.max()) + 1
+    rows = np.bincount(code[:cut], minlength=n)
+    fixed = np.bincount(code[:cut], weights=y[:cut], minlength=n)
+    rate = np.where(rows > 0, fixed / np.maximum(rows, 1), y[:cut].mean())
+    return round(float(roc_auc_score(y[cut:], rate[code[cut:]])), 4)
+
+
 def train(features: Features, spec: ModelSpec) -> Trained:
     started = time.perf_counter()
     order = evaluation_order(features)
