@@ -4,10 +4,12 @@ the ``alembic`` command line works with the same settings."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, inspect
@@ -110,3 +112,47 @@ async def test_alembic_command_line_reads_the_settings(database: Database) -> No
     assert "CREATE TABLE training_request" in offline.stdout
     password = make_url(database.url).password
     assert not password or password not in offline.stdout + offline.stderr
+
+
+BROKEN_REVISION = """
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table("half_done", sa.Column("id", sa.Integer(), primary_key=True))
+    op.add_column("training_request", sa.Column("extra", sa.Integer()))
+    raise RuntimeError("migration failed halfway")
+
+
+def downgrade() -> None:
+    pass
+"""
+
+
+async def test_a_failed_migration_changes_nothing(database: Database, tmp_path: Path) -> None:
+    """Each migration is one transaction, on SQLite too (the driver's implicit commits are off)."""
+    scripts = tmp_path / "migrations"
+    shutil.copytree(migrate.migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0002_broken.py").write_text(BROKEN_REVISION)
+    settings = database.settings(migrations_dir=scripts)
+    await migrate.upgrade(settings, "0001")
+
+    with pytest.raises(RuntimeError, match="halfway"):
+        await migrate.upgrade(settings)
+    assert await migrate.current(settings) == "0001"
+    assert await table_names(database) == TABLES | {"alembic_version"}
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as conn:
+            columns = await conn.run_sync(
+                lambda c: {col["name"] for col in inspect(c).get_columns("training_request")}
+            )
+    finally:
+        await engine.dispose()
+    assert "extra" not in columns
