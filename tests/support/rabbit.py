@@ -1,1 +1,0 @@
-"""RabbitMQ fixtures: a placeholder, to be filled in by the broker work."""
