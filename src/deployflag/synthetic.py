@@ -131,8 +131,12 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
     )
     segments: list[tuple[str, str, int, int]] = []  # branch, base_oid, start, end
     for b, n_bases in enumerate(bases_per_branch.tolist()):
-        length = int(rng.uniform(5, 45) * _US_PER_DAY)
-        b_start = int(rng.integers(start + _US_PER_DAY, end - length))
+        # Branches tile the history, overlapping a little: branch work goes on all the time, so
+        # no month is without daily events (which would tie the month to the label).
+        slot = (end - start) // shape.branches
+        length = int(slot * rng.uniform(1.0, 1.5))
+        b_start = start + b * slot - int(rng.integers(0, slot // 4 + 1))
+        b_start = max(start, min(b_start, end - length))
         cuts = np.linspace(b_start, b_start + length, n_bases + 1).astype(np.int64)
         for j in range(n_bases):
             segments.append(
