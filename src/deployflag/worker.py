@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
+import mmap
 import os
 import resource
 import signal
@@ -22,12 +23,22 @@ import structlog
 
 from deployflag import logs
 from deployflag.errors import InvalidRequest
-from deployflag.messages import Computation, Envelope, decode, validate_request
+from deployflag.messages import Computation, Decoded, Envelope, decode, validate_request
 from deployflag.pipeline.config import PipelineConfig
 
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _PR_SET_PDEATHSIG = 1
 _limits: Any = None  # keeps threadpoolctl's limit alive for the life of the process
+_memory_limited = False  # set by init_worker when RLIMIT_AS is in force
+
+# Address space needed per byte of body, measured on synthetic payloads (docs/faults.md): orjson
+# peaks at 15.6 x the body while it parses (its document tree plus the Python objects), and the
+# whole request (parse, validate, compute) at about 17 x. Under RLIMIT_AS orjson and pydantic-core
+# (Rust) crash the process instead of raising MemoryError when an allocation fails, so the room
+# is checked before they run: a request that cannot fit is parked as memory_limit at once.
+PARSE_SPACE_FACTOR = 16
+REQUEST_SPACE_FACTOR = 20
+MEMORY_LIMIT_MESSAGE = "the request needs more memory than DEPLOYFLAG_WORKER_MEMORY_LIMIT"
 
 
 def cap_threads() -> None:
@@ -54,7 +65,24 @@ def init_worker(log_format: str, log_level: str, memory_limit: int) -> None:
     # threadpool_limits only caps libraries already loaded: hence after the imports.
     _limits = threadpool_limits(limits=1)
     if memory_limit > 0:
+        global _memory_limited
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
+        _memory_limited = True
+
+
+def ensure_room(nbytes: int) -> None:
+    """Raise MemoryError unless ``nbytes`` more of address space fit under the memory limit.
+
+    An anonymous mapping is reserved and released at once: it counts against RLIMIT_AS but
+    touches no page, so the check costs two system calls.
+    """
+    if not _memory_limited or nbytes <= 0:
+        return
+    try:
+        with mmap.mmap(-1, nbytes):
+            pass
+    except (OSError, OverflowError, ValueError):
+        raise MemoryError(f"no room for {nbytes} more bytes under the memory limit") from None
 
 
 def _die_with_parent() -> None:
@@ -98,11 +126,32 @@ def identify(
 ) -> Envelope | Rejected:
     """Recognise the envelope and the request id, or say why the delivery is not a request."""
     try:
+        ensure_room(PARSE_SPACE_FACTOR * len(body))
+        return _decode(body, headers, message_id, content_type, task_name).envelope
+    except InvalidRequest as exc:
+        reason, message = exc.reason, exc.message
+    except MemoryError:
+        reason, message = "memory_limit", MEMORY_LIMIT_MESSAGE
+    return Rejected(fallback_id(body, headers, message_id), reason, message)
+
+
+def _decode(
+    body: bytes,
+    headers: Mapping[str, Any],
+    message_id: str | None,
+    content_type: str | None,
+    task_name: str,
+) -> Decoded:
+    try:
         return decode(
             body, headers, message_id=message_id, content_type=content_type, task_name=task_name
-        ).envelope
+        )
     except InvalidRequest as exc:
-        return Rejected(fallback_id(body, headers, message_id), exc.reason, exc.message)
+        # orjson reports a failed allocation as a JSON error ("Not enough memory to allocate
+        # buffer for parsing"): it is the memory limit, not the body.
+        if exc.reason == "not_json" and "memory" in exc.message.lower():
+            raise MemoryError(exc.message) from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -121,12 +170,28 @@ def process(
     config: PipelineConfig,
 ) -> Computed:
     """Decode, validate and compute one request. Raises InvalidRequest for bad data."""
+    started = time.perf_counter()
+    try:
+        ensure_room(REQUEST_SPACE_FACTOR * len(body))
+        computation = _process(body, headers, message_id, content_type, task_name, config)
+    except MemoryError:
+        # Hit DEPLOYFLAG_WORKER_MEMORY_LIMIT, in any stage: this payload is too big for a worker.
+        raise InvalidRequest("memory_limit", MEMORY_LIMIT_MESSAGE) from None
+    return Computed(computation, time.perf_counter() - started, os.getpid())
+
+
+def _process(
+    body: bytes,
+    headers: Mapping[str, Any],
+    message_id: str | None,
+    content_type: str | None,
+    task_name: str,
+    config: PipelineConfig,
+) -> Computation:
     from deployflag.pipeline import compute
 
     started = time.perf_counter()
-    decoded = decode(
-        body, headers, message_id=message_id, content_type=content_type, task_name=task_name
-    )
+    decoded = _decode(body, headers, message_id, content_type, task_name)
     envelope = decoded.envelope
     with structlog.contextvars.bound_contextvars(
         request_id=envelope.request_id, repo_id=envelope.repo_id
@@ -136,10 +201,7 @@ def process(
         try:
             computation = compute(request, config)
         except MemoryError:
-            # Hit DEPLOYFLAG_WORKER_MEMORY_LIMIT: this payload is too big for a worker.
-            raise InvalidRequest(
-                "memory_limit", "the request needs more memory than DEPLOYFLAG_WORKER_MEMORY_LIMIT"
-            ) from None
+            raise
         except (ValueError, ArithmeticError) as exc:
             # Data the pipeline cannot handle is the message's fault: park, do not retry.
             raise InvalidRequest("pipeline_rejected", f"{type(exc).__name__}: {exc}") from None
@@ -147,11 +209,10 @@ def process(
             # Anything else is a bug; retrying the same data cannot help. Only builtin exception
             # types cross back to the loop, so the loop never needs numpy to unpickle them.
             raise InvalidRequest("pipeline_error", f"{type(exc).__name__}: {exc}") from None
-        seconds = time.perf_counter() - started
         log.debug(
             "computed",
             rows=len(request.analysis_run) + len(request.historical_run),
-            seconds=round(seconds, 4),
+            seconds=round(time.perf_counter() - started, 4),
             trained=computation.model.trained,
         )
-    return Computed(computation, seconds, os.getpid())
+    return computation
