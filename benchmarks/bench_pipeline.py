@@ -1,0 +1,239 @@
+"""Benchmark of the pure pipeline: seconds per stage, peak memory, model quality, grid sizes.
+
+    python benchmarks/bench_pipeline.py [--runs 5] [--threads 1] [--quick]
+
+Each measurement runs in a fresh interpreter that reads a synthetic payload from a file, so its
+peak RSS is that of one service worker on one request: interpreter, numpy and scikit-learn,
+the raw body, and the computation. Native threads are capped as the service caps them (1 per
+worker). Prints a markdown report and writes it to benchmarks/results/pipeline.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, cast
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "pipeline.md"
+SIZES = ("small", "reference", "large")
+# Candidates around the default (learning_rate 0.1, max_depth 3, max_iter 100, l2 1, leaf 20).
+LARGER_GRID: dict[str, list[Any]] = {
+    "learning_rate": [0.05, 0.1, 0.2],
+    "max_depth": [2, 3, 5],
+    "max_iter": [100, 300],
+    "l2_regularization": [1.0],
+    "min_samples_leaf": [20],
+}
+
+
+# --- child processes ----------------------------------------------------------------------------
+
+
+def child_stages(path: str, runs: int, threads: int) -> dict[str, Any]:
+    """Per run: each stage timed, then `run()` end to end; plus quality and peak RSS."""
+    from threadpoolctl import threadpool_limits
+
+    from deployflag.messages import parse_request
+    from deployflag.pipeline import events, features, model, run, scoring
+    from deployflag.pipeline.config import PipelineConfig
+
+    config = PipelineConfig()
+    body = Path(path).read_bytes()
+    stages = ("parse", "features", "training", "weights", "end_to_end")
+    times: dict[str, list[float]] = {k: [] for k in stages}
+    with threadpool_limits(limits=threads):
+        for _ in range(runs):
+            clock = [time.perf_counter()]
+            req = parse_request(body)
+            clock.append(time.perf_counter())
+            cols = events.columns(req)
+            info = features.shortcode_info(req, cols)
+            rows = features.build(events.build(cols), info, config.long_gap_days)
+            clock.append(time.perf_counter())
+            trained = model.train(rows, config.model)
+            clock.append(time.perf_counter())
+            p = scoring.fix_probabilities(rows, trained, len(info.names))
+            scoring.scores(rows, info, p, config.weights)
+            clock.append(time.perf_counter())
+            del req, cols
+            result = run(body, config)
+            clock.append(time.perf_counter())
+            for name, start, end in zip(stages, clock[:-1], clock[1:], strict=True):
+                times[name].append(end - start)
+    return {
+        "medians": {k: statistics.median(v) for k, v in times.items()},
+        "runs": runs,
+        "bytes": len(body),
+        "feature_rows": len(rows),
+        "shortcodes": len(info.names),
+        "auc": result.model.roc_auc,
+        "prior_auc": model.prior_auc(rows),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def child_grid(path: str, threads: int) -> dict[str, Any]:
+    """Held-out AUC, training seconds and chosen parameters: default grid vs LARGER_GRID."""
+    from threadpoolctl import threadpool_limits
+
+    from deployflag.messages import parse_request
+    from deployflag.pipeline import events, features, model
+    from deployflag.pipeline.config import ModelSpec
+
+    req = parse_request(Path(path).read_bytes())
+    cols = events.columns(req)
+    rows = features.build(events.build(cols), features.shortcode_info(req, cols), 20)
+    out: dict[str, Any] = {"prior_auc": model.prior_auc(rows)}
+    with threadpool_limits(limits=threads):
+        for name, spec in (("default", ModelSpec()), ("larger", ModelSpec(param_grid=LARGER_GRID))):
+            started = time.perf_counter()
+            trained = model.train(rows, spec)
+            seconds = time.perf_counter() - started
+            out[name] = {
+                "auc": trained.report.roc_auc,
+                "seconds": seconds,
+                "parameters": trained.report.parameters,
+            }
+    return out
+
+
+# --- the parent ---------------------------------------------------------------------------------
+
+
+def _payload(size: str, seed: int, folder: Path) -> Path:
+    import orjson
+
+    from deployflag.synthetic import Size, generate
+
+    path = folder / f"{size}-{seed}.json"
+    if not path.exists():
+        path.write_bytes(orjson.dumps(generate(cast(Size, size), seed=seed)))
+    return path
+
+
+def _child(*args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True
+    )
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _versions() -> str:
+    import numpy
+    import sklearn
+
+    return (
+        f"Python {platform.python_version()}, numpy {numpy.__version__}, "
+        f"scikit-learn {sklearn.__version__}; {os.cpu_count()} CPUs ({platform.machine()})"
+    )
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def report(args: argparse.Namespace) -> str:
+    sizes = ("small", "reference") if args.quick else SIZES
+    lines = [
+        "# Pipeline benchmark",
+        "",
+        f"`python benchmarks/bench_pipeline.py` — {_versions()}; "
+        f"{args.threads} native thread(s) per process, as in a service worker. "
+        "Seconds are medians; each size runs in a fresh process (peak RSS is that process's).",
+        "",
+        "| payload | rows in | feature rows | parse + validate | events + features | training "
+        "| weights | end to end | peak RSS | held-out AUC | prior AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for size in sizes:
+            path = _payload(size, 0, folder)
+            runs = args.large_runs if size == "large" else args.runs
+            r = _child("stages", str(path), str(runs), str(args.threads))
+            m = r["medians"]
+            rows_in = {"small": "1,000 + 1,000", "reference": "8,000 + 7,000"}.get(
+                size, "80,000 + 70,000"
+            )
+            lines.append(
+                f"| {size} ({r['bytes'] / 1e6:.1f} MB, {r['shortcodes']} shortcodes) | {rows_in} "
+                f"| {r['feature_rows']:,} | {_f(m['parse'])} | {_f(m['features'])} "
+                f"| {_f(m['training'])} | {_f(m['weights'])} | **{_f(m['end_to_end'])}** "
+                f"| {r['peak_rss_mb']:.0f} MB | {_f(r['auc'])} | {_f(r['prior_auc'])} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+
+        lines += [
+            "",
+            "## Default grid vs a larger grid",
+            "",
+            f"Larger grid: `{json.dumps(LARGER_GRID)}` ({_count(LARGER_GRID)} candidates, "
+            "2-fold CV). Held-out ROC AUC on the newest 20 % of rows; seconds of training "
+            "(search on the older 80 %, evaluation, refit on all rows).",
+            "",
+            "| payload | seed | prior AUC | default AUC | default s | larger AUC | larger s "
+            "| larger grid chose |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        grid_runs = [("reference", s) for s in (0, 1, 2)] + ([] if args.quick else [("large", 0)])
+        for size, seed in grid_runs:
+            g = _child("grid", str(_payload(size, seed, folder)), str(args.threads))
+            chosen = {k: v for k, v in g["larger"]["parameters"].items() if k in _varied()}
+            lines.append(
+                f"| {size} | {seed} | {_f(g['prior_auc'])} | {_f(g['default']['auc'])} "
+                f"| {_f(g['default']['seconds'], 2)} | {_f(g['larger']['auc'])} "
+                f"| {_f(g['larger']['seconds'], 2)} | `{json.dumps(chosen)}` |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def _count(grid: dict[str, list[Any]]) -> int:
+    n = 1
+    for values in grid.values():
+        n *= len(values)
+    return n
+
+
+def _varied() -> set[str]:
+    return {k for k, v in LARGER_GRID.items() if len(v) > 1}
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, path, *rest = sys.argv[2:]
+        if kind == "stages":
+            out = child_stages(path, int(rest[0]), int(rest[1]))
+        else:
+            out = child_grid(path, int(rest[0]))
+        print(json.dumps(out))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=9, help="runs of small and reference")
+    parser.add_argument("--large-runs", type=int, default=5, help="runs of large")
+    parser.add_argument("--threads", type=int, default=1, help="native threads per process")
+    parser.add_argument("--quick", action="store_true", help="small and reference only")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    text = report(args)
+    text += f"\nWhole benchmark: {time.perf_counter() - started:.0f} s.\n"
+    print(text)
+    if not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
