@@ -2,8 +2,8 @@
 
 One classifier per request on every shortcode's feature rows. The parameters are chosen by a
 grid search on the older 80 % of the rows, scored on the newer 20 % (never on rows the model has
-seen), then refitted on all rows. Everything is seeded and single-threaded per process (n_jobs=1):
-the service caps native threads per worker, the pipeline never starts processes of its own.
+seen), then refitted on all rows. Estimator and folds are seeded. The pipeline starts no process
+of its own (n_jobs=1) and leaves native threads to its caller: the service caps them per worker.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ ONE_CLASS = "one_class"
 TOO_FEW_ROWS = "too_few_rows_for_cv"
 TRAIN_FRACTION = (4, 5)  # ⌊0.8·n⌋ rows, in exact integer arithmetic
 
-# Settings on top of the grid: native categories, fixed seed, and no early stopping (with it, the
-# model would change character at 10,000 rows and hold back 10 % of them).
+# Fixed on top of the grid: native categories, and no early stopping (with it, the model would
+# change character at 10,000 rows and hold back 10 % of them).
 _HGB_BASE: dict[str, Any] = {"categorical_features": CATEGORICAL, "early_stopping": False}
 
 
