@@ -41,7 +41,7 @@ class WorkerPool:
         # forkserver: workers are forked from a clean server process that never ran an event
         # loop, with numpy and scikit-learn already imported there (fast rebuilds).
         self._context = multiprocessing.get_context("forkserver")
-        self._context.set_forkserver_preload(["deployflag.worker", "deployflag.pipeline"])
+        self._context.set_forkserver_preload(["deployflag.worker", "deployflag.pipeline.model"])
 
     @property
     def alive(self) -> bool:

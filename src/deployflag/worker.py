@@ -57,10 +57,9 @@ def init_worker(log_format: str, log_level: str, memory_limit: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(log_format, log_level)
-    import sklearn.ensemble  # noqa: F401  (import once here, not per message)
     from threadpoolctl import threadpool_limits
 
-    import deployflag.pipeline  # noqa: F401
+    import deployflag.pipeline.model  # noqa: F401  (numpy, scikit-learn: once, not per message)
 
     # threadpool_limits only caps libraries already loaded: hence after the imports.
     _limits = threadpool_limits(limits=1)

@@ -6,9 +6,12 @@ service can call them in process-pool workers.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from deployflag.messages import Computation, TrainingRequest, parse_request
-from deployflag.pipeline import events, features, model, scoring
-from deployflag.pipeline.config import PipelineConfig
+
+if TYPE_CHECKING:
+    from deployflag.pipeline.config import PipelineConfig
 
 __all__ = ["compute", "run"]
 
@@ -19,6 +22,10 @@ def run(body: bytes, config: PipelineConfig) -> Computation:
 
 
 def compute(request: TrainingRequest, config: PipelineConfig) -> Computation:
+    # Imported here, not at the top: `deployflag.pipeline.config` is read by the settings of
+    # every process, and only the workers should pay for numpy and scikit-learn.
+    from deployflag.pipeline import events, features, model, scoring
+
     cols = events.columns(request)
     info = features.shortcode_info(request, cols)
     rows = features.build(events.build(cols), info, config.long_gap_days)
