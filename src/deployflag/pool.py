@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -57,7 +58,7 @@ class WorkerPool:
             max_workers=s.workers,
             mp_context=self._context,
             initializer=worker.init_worker,
-            initargs=(s.log_format, s.log_level, int(s.worker_memory_limit)),
+            initargs=(s.log_format, s.log_level, int(s.worker_memory_limit), os.getpid()),
         )
 
     async def start(self) -> None:

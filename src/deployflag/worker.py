@@ -13,7 +13,9 @@ import hashlib
 import mmap
 import os
 import resource
+import select
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,11 +49,15 @@ def cap_threads() -> None:
         os.environ[name] = "1"
 
 
-def init_worker(log_format: str, log_level: str, memory_limit: int) -> None:
+def init_worker(
+    log_format: str, log_level: str, memory_limit: int, service_pid: int | None = None
+) -> None:
     """Pool initializer: logging, one thread, heavy imports, then the address-space limit."""
     global _limits
     cap_threads()
     _die_with_parent()
+    if service_pid is not None:
+        _exit_with_service(service_pid)
     # The service drains on SIGTERM/SIGINT and then stops its workers itself; a Ctrl-C or a
     # supervisor's signal to the whole process group must not kill jobs mid-drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -82,6 +88,44 @@ def ensure_room(nbytes: int) -> None:
             pass
     except (OSError, OverflowError, ValueError):
         raise MemoryError(f"no room for {nbytes} more bytes under the memory limit") from None
+
+
+def _exit_with_service(pid: int) -> None:
+    """Exit as soon as the service process ``pid`` has ended, however it ended.
+
+    A forkserver worker's parent is the forkserver, not the service, and the forkserver only
+    exits when every holder of its "alive" pipe has closed it — the workers hold it too. So when
+    the service dies without stopping its pool (SIGKILL of the service alone, a crash, the
+    immediate exit on a second SIGTERM), forkserver, workers and resource tracker would all wait
+    forever. A thread waits on a pidfd of the service instead (or polls on systems without
+    pidfd_open) and ends the worker; the forkserver and the resource tracker then see their
+    pipes close and exit too.
+    """
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux ≥ 5.3: poll
+            while _alive(pid):
+                time.sleep(1.0)
+        else:
+            select.select([fd], [], [])  # readable once the process has exited
+        os._exit(1)
+
+    if _alive(pid):
+        threading.Thread(target=watch, name="deployflag-service-watch", daemon=True).start()
+    else:
+        os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _die_with_parent() -> None:
