@@ -12,6 +12,12 @@ Acknowledgement policy — the only places this module settles a delivery:
 * **leave unacked** while transient trouble (database, broker) lasts — the stage is retried in
   place with backoff and the prefetch window stops new deliveries; on shutdown, or when the
   delivery's channel is gone, **nack with requeue** (best effort: a closed channel requeues it too).
+  A second copy of a request this process is already handling (its first delivery's channel was
+  closed under it, or it was published twice) also stays unacked: it waits for the first, then
+  answers with the stored result.
+
+Whatever was recorded before a channel closed stays recorded: the redelivered copy finds it done
+and only re-publishes it, so a request is trained once however often it is delivered.
 
 aio-pika's ``message.process()`` is not used: it rejects on any exception, cancellation included,
 which would drop messages at shutdown.
@@ -23,7 +29,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -106,6 +112,7 @@ class MessageHandler:
         self._stopping = stopping
         self._config = settings.pipeline_config()
         self._origin = f"deployflag@{socket.gethostname()}"
+        self._running: dict[str, asyncio.Event] = {}  # request ids being handled here
 
     # --- entry point --------------------------------------------------------------------------
 
@@ -171,12 +178,45 @@ class MessageHandler:
         structlog.contextvars.bind_contextvars(
             request_id=envelope.request_id, repo_id=envelope.repo_id
         )
+        async with self._one_copy_at_a_time(message, envelope.request_id, trace):
+            await self._settle_request(message, headers, envelope, trace)
+
+    @contextlib.asynccontextmanager
+    async def _one_copy_at_a_time(
+        self, message: AbstractIncomingMessage, request_id: str, trace: Trace
+    ) -> AsyncIterator[None]:
+        """Handle one copy of a request at a time in this process.
+
+        A second copy arrives while the first is still training when the first one's channel
+        closed under it (consumer_timeout, a reconnect) or the request was published twice. It
+        waits here instead of claiming — which would spend an attempt and train again in
+        parallel — and then finds the stored result and only answers.
+        """
+        while (running := self._running.get(request_id)) is not None:
+            await trace.timed("claim", running.wait())
+            self._check_alive(message)
+        done = asyncio.Event()
+        self._running[request_id] = done
+        try:
+            yield
+        finally:
+            del self._running[request_id]
+            done.set()
+
+    async def _settle_request(
+        self,
+        message: AbstractIncomingMessage,
+        headers: dict[str, Any],
+        envelope: Envelope,
+        trace: Trace,
+    ) -> None:
         claim = await trace.timed(
             "claim", self._retry("claim", message, self._claim_call(envelope))
         )
         if claim.status == "done":
             assert claim.result is not None
             stored = TrainingResult.model_validate(claim.result)
+            self._check_alive(message)  # else the redelivered copy answers
             await trace.timed("publish", self._reply(message, envelope, stored))
             await self._ack(message)
             trace.outcome = "duplicate"
@@ -252,6 +292,7 @@ class MessageHandler:
     ) -> worker.Computed | TrainingResult:
         """Run the pipeline; a crash or time limit costs an attempt, and the last one parks."""
         reason, error = "max_attempts", "delivered more often than DEPLOYFLAG_MAX_ATTEMPTS"
+        free_retries = self._s.max_attempts  # for pools killed over another job's time limit
         while attempts <= self._s.max_attempts:
             try:
                 return await self._pool.run(
@@ -269,6 +310,11 @@ class MessageHandler:
             except JobTimeLimit as exc:
                 reason, error = "time_limit", str(exc)
             except WorkerCrashed as exc:
+                if exc.collateral and free_retries > 0:
+                    free_retries -= 1
+                    log.info("pool killed over another job's time limit: retrying, not counted")
+                    self._check_alive(message)
+                    continue
                 reason, error = "worker_crashed", str(exc)
             log.warning("attempt failed", reason=reason, error=error, attempt=attempts)
             self._check_alive(message)
@@ -360,13 +406,13 @@ class MessageHandler:
             raise Abandon(f"ack failed: {exc}") from None
 
     async def _requeue(self, message: AbstractIncomingMessage) -> None:
-        if message.processed or message.channel.is_closed:
+        if message.processed or _channel_gone(message):
             return  # a closed channel hands its unacked deliveries back by itself
         with contextlib.suppress(*_BROKER_ERRORS):
             await message.nack(requeue=True)
 
     def _check_alive(self, message: AbstractIncomingMessage) -> None:
-        if message.channel.is_closed:
+        if _channel_gone(message):
             raise Abandon("the delivery's channel closed; the broker redelivers it")
 
     # --- transient trouble --------------------------------------------------------------------
@@ -407,3 +453,12 @@ class MessageHandler:
 
 def _bound(key: str) -> Any:
     return structlog.contextvars.get_contextvars().get(key)
+
+
+def _channel_gone(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel the message came on is closed (aio-pika's ``message.channel``
+    raises instead of answering once it is)."""
+    try:
+        return bool(message.channel.is_closed)
+    except ChannelInvalidStateError:
+        return True
