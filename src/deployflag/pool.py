@@ -24,7 +24,15 @@ log = logs.get_logger("deployflag.pool")
 
 
 class WorkerCrashed(Exception):
-    """The worker process running the job died, or the pool broke under it; retry the job."""
+    """The worker process running the job died, or the pool broke under it; retry the job.
+
+    ``collateral`` is true when the pool was killed because another job ran past the time
+    limit: this job did nothing wrong, and its attempt should not count.
+    """
+
+    def __init__(self, message: str, *, collateral: bool = False) -> None:
+        super().__init__(message)
+        self.collateral = collateral
 
 
 class JobTimeLimit(Exception):
@@ -37,7 +45,12 @@ class WorkerPool:
         self._on_rebuild = on_rebuild
         self._executor: ProcessPoolExecutor | None = None
         self._generation = 0
+        self._causes: dict[int, str] = {}  # generation → why it was replaced
         self._lock = asyncio.Lock()
+        # One job per worker is handed to the executor; the rest wait here. So a job's time
+        # limit runs while it runs, not while it waits behind others in the executor's queue,
+        # and killing the pool for one job's time limit interrupts only jobs that were running.
+        self._slots = asyncio.Semaphore(settings.workers)
         worker.cap_threads()  # inherited by the forkserver and every worker it forks
         # forkserver: workers are forked from a clean server process that never ran an event
         # loop, with numpy and scikit-learn already imported there (fast rebuilds).
@@ -73,6 +86,10 @@ class WorkerPool:
     async def run(self, fn: Callable[..., T], *args: Any, time_limit: float | None = None) -> T:
         """Run ``fn(*args)`` in a worker. Raises WorkerCrashed or JobTimeLimit on those events;
         the job's own exceptions pass through unchanged."""
+        async with self._slots:
+            return await self._run(fn, *args, time_limit=time_limit)
+
+    async def _run(self, fn: Callable[..., T], *args: Any, time_limit: float | None) -> T:
         executor = self._executor
         if executor is None:
             raise WorkerCrashed("the pool is not running")
@@ -88,8 +105,13 @@ class WorkerPool:
             await self._rebuild(generation, "time_limit")
             raise JobTimeLimit(f"ran past the {time_limit:g} s time limit") from None
         except BrokenProcessPool as exc:
+            # Killed for another job's time limit (that job rebuilt the pool already), or a
+            # worker died: then nobody can tell whose job killed it, so every job counts it.
+            collateral = self._causes.get(generation) == "time_limit"
             await self._rebuild(generation, "crash")
-            raise WorkerCrashed(str(exc) or "a worker process died") from None
+            raise WorkerCrashed(
+                str(exc) or "a worker process died", collateral=collateral
+            ) from None
 
     async def _rebuild(self, generation: int, cause: str) -> None:
         """Replace the executor once per breakage, however many jobs noticed it."""
@@ -97,6 +119,7 @@ class WorkerPool:
             if generation != self._generation or self._executor is None:
                 return
             old, self._executor = self._executor, None
+            self._causes[generation] = cause
             self._generation += 1
             log.warning("pool rebuild", cause=cause, generation=self._generation)
             await asyncio.to_thread(_kill, old)
