@@ -65,6 +65,8 @@ class Service:
         self.health.database_ok = True
         self.metrics.database_ok.set(1)
 
+        self._background.append(asyncio.create_task(self._watch_database(self._store)))
+
         self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild)
         await self._pool.start()
         self.health.pool_alive = True
@@ -87,6 +89,23 @@ class Service:
         systemd.notify("READY=1\nSTATUS=consuming " + s.training_queue)
         self._background.append(asyncio.create_task(systemd.watchdog_task(self.health)))
         log.info("consuming", queue=s.training_queue, prefetch=s.effective_prefetch)
+
+    async def _watch_database(self, store: Store) -> None:
+        """Keep /readyz honest while no message touches the database."""
+        while True:
+            await asyncio.sleep(self.settings.database_check_interval)
+            try:
+                await store.ping()
+                ok = True
+            except TransientError as exc:
+                ok, error = False, str(exc)
+            if ok != self.health.database_ok:
+                if ok:
+                    log.info("database reachable again")
+                else:
+                    log.warning("database unreachable", error=error)
+                self.health.database_ok = ok
+                self.metrics.database_ok.set(1 if ok else 0)
 
     async def _connect(self) -> AbstractRobustConnection:
         delay, waited = 0.5, 0.0

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
         "(default: DATA_DIR/deployflag.db).",
     )
     auto_migrate: bool = Field(False, description="Migrate at start on PostgreSQL.")
+    database_check_interval: float = Field(
+        5.0, gt=0, description="Seconds between database pings for /readyz while idle."
+    )
     migrations_dir: Path | None = Field(None, description="Alembic scripts (found by default).")
     # The original's database variables, used only when DEPLOYFLAG_DATABASE_URL is unset.
     use_db: Literal["sqlite3", "sqlite", "postgresql", "postgres"] | None = Field(
