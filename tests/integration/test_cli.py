@@ -14,6 +14,7 @@ import pytest
 
 from deployflag import exitcodes
 from tests.support.broker import ServiceProcess, free_port
+from tests.support.postgres import PostgresCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = ROOT / "examples" / "worked-example.json"
@@ -175,3 +176,29 @@ def test_submit_celery_and_wait_is_a_usage_error() -> None:
     done = deployflag("submit", str(WORKED), "--celery", "--wait")
     assert done.returncode == exitcodes.RET_USAGE
     assert "--wait needs JSON" in one_line_error(done)
+
+
+@pytest.mark.postgres
+def test_serve_with_a_wrong_database_password_exits_78_without_the_password(
+    postgres: PostgresCluster,
+) -> None:
+    url = postgres.url_for(postgres.database, password="hunter2-wrong")
+    done = deployflag("serve", env={"DEPLOYFLAG_DATABASE_URL": url, "DEPLOYFLAG_HTTP_PORT": "0"})
+    assert done.returncode == exitcodes.RET_CONFIG, done.stderr
+    assert "hunter2" not in done.stderr.decode()
+    assert "password" in done.stderr.decode().splitlines()[-1].lower()
+
+
+@pytest.mark.postgres
+def test_migrate_on_postgresql_then_serve_without_auto_migrate(
+    postgres: PostgresCluster, tmp_path: Path
+) -> None:
+    url = postgres.fresh_database("cli_migrate")
+    env = {"DEPLOYFLAG_DATABASE_URL": url}
+    behind = deployflag("run", "--store", str(WORKED), env=env)
+    assert behind.returncode == exitcodes.RET_CONFIG
+    assert "migrate" in one_line_error(behind)
+    assert deployflag("migrate", env=env).returncode == 0
+    assert deployflag("run", "--store", str(WORKED), env=env).returncode == 0
+    table = postgres.psql("SELECT count(*) FROM model_performance_metadata", database="cli_migrate")
+    assert table.split()[:3] == ["count", "-------", "1"]
