@@ -21,6 +21,7 @@ from deployflag.settings import Settings
 
 T = TypeVar("T")
 log = logs.get_logger("deployflag.pool")
+WARM_UP_TIMEOUT = 120.0  # seconds for every worker of a new pool to start and import
 
 
 class WorkerCrashed(Exception):
@@ -76,12 +77,19 @@ class WorkerPool:
 
     async def start(self) -> None:
         """Create the executor and wait until every worker has imported its libraries."""
-        self._executor = self._new_executor()
+        executor = self._new_executor()
+        try:
+            await self._warm(executor)
+        except BaseException:
+            await asyncio.to_thread(_kill, executor)
+            raise
+        self._executor = executor
+
+    async def _warm(self, executor: ProcessPoolExecutor) -> None:
+        """Start every worker now, so that no job's time limit pays for a worker's start."""
         loop = asyncio.get_running_loop()
-        pings = [
-            loop.run_in_executor(self._executor, worker.ping) for _ in range(self._settings.workers)
-        ]
-        await asyncio.gather(*pings)
+        pings = [loop.run_in_executor(executor, worker.ping) for _ in range(self._settings.workers)]
+        await asyncio.wait_for(asyncio.gather(*pings), WARM_UP_TIMEOUT)
 
     async def run(self, fn: Callable[..., T], *args: Any, time_limit: float | None = None) -> T:
         """Run ``fn(*args)`` in a worker. Raises WorkerCrashed or JobTimeLimit on those events;
@@ -90,6 +98,9 @@ class WorkerPool:
             return await self._run(fn, *args, time_limit=time_limit)
 
     async def _run(self, fn: Callable[..., T], *args: Any, time_limit: float | None) -> T:
+        if self._executor is None:
+            async with self._lock:  # a rebuild is under way: wait for the new pool
+                pass
         executor = self._executor
         if executor is None:
             raise WorkerCrashed("the pool is not running")
@@ -125,7 +136,13 @@ class WorkerPool:
             await asyncio.to_thread(_kill, old)
             if self._on_rebuild is not None:
                 self._on_rebuild(cause)
-            self._executor = self._new_executor()
+            executor = self._new_executor()
+            try:
+                await self._warm(executor)
+            except (BrokenProcessPool, TimeoutError) as exc:
+                # The next job finds out, and rebuilds again.
+                log.warning("rebuilt pool did not start", error=str(exc) or type(exc).__name__)
+            self._executor = executor
 
     async def close(self) -> None:
         if self._executor is not None:
