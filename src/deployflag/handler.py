@@ -179,18 +179,23 @@ class MessageHandler:
             request_id=envelope.request_id, repo_id=envelope.repo_id
         )
         async with self._one_copy_at_a_time(message, envelope.request_id, trace):
-            await self._settle_request(message, headers, envelope, trace)
+            result, trace.outcome = await self._result(message, headers, envelope, trace)
+        # Recorded; if the delivery's channel died meanwhile, its redelivered copy answers.
+        self._check_alive(message)
+        await trace.timed("publish", self._reply(message, envelope, result))
+        await self._ack(message)
 
     @contextlib.asynccontextmanager
     async def _one_copy_at_a_time(
         self, message: AbstractIncomingMessage, request_id: str, trace: Trace
     ) -> AsyncIterator[None]:
-        """Handle one copy of a request at a time in this process.
+        """Claim, train and record one copy of a request at a time in this process.
 
         A second copy arrives while the first is still training when the first one's channel
         closed under it (consumer_timeout, a reconnect) or the request was published twice. It
         waits here instead of claiming — which would spend an attempt and train again in
-        parallel — and then finds the stored result and only answers.
+        parallel — and then finds the stored result. Only the expensive part is exclusive: the
+        reply and the ack of either copy never wait for the other.
         """
         while (running := self._running.get(request_id)) is not None:
             await trace.timed("claim", running.wait())
@@ -203,51 +208,39 @@ class MessageHandler:
             del self._running[request_id]
             done.set()
 
-    async def _settle_request(
+    async def _result(
         self,
         message: AbstractIncomingMessage,
         headers: dict[str, Any],
         envelope: Envelope,
         trace: Trace,
-    ) -> None:
+    ) -> tuple[TrainingResult, str]:
+        """The request's recorded result, trained here (``ok``) or found (``duplicate``)."""
         claim = await trace.timed(
             "claim", self._retry("claim", message, self._claim_call(envelope))
         )
         if claim.status == "done":
             assert claim.result is not None
-            stored = TrainingResult.model_validate(claim.result)
-            self._check_alive(message)  # else the redelivered copy answers
-            await trace.timed("publish", self._reply(message, envelope, stored))
-            await self._ack(message)
-            trace.outcome = "duplicate"
-            return
+            return TrainingResult.model_validate(claim.result), "duplicate"
 
         computed = await trace.timed(
             "pipeline", self._compute(message, headers, envelope, claim.attempts)
         )
         if isinstance(computed, TrainingResult):  # another instance finished it meanwhile
-            result = computed
-            trace.outcome = "duplicate"
-        else:
-            result = TrainingResult(
-                **computed.computation.model_dump(),
-                request_id=envelope.request_id,
-                deployflag_version=__version__,
-                finished_at=datetime.now(UTC),
-            )
-            fresh, stored_json = await trace.timed(
-                "record",
-                self._retry(
-                    "record", message, lambda: self._store.record_result(result, self._config)
-                ),
-            )
-            if not fresh:  # a concurrent copy recorded first: publish what was stored
-                result = TrainingResult.model_validate(stored_json)
-            trace.outcome = "ok" if fresh else "duplicate"
-        # Recorded; if the delivery's channel died meanwhile, its redelivered copy answers.
-        self._check_alive(message)
-        await trace.timed("publish", self._reply(message, envelope, result))
-        await self._ack(message)
+            return computed, "duplicate"
+        result = TrainingResult(
+            **computed.computation.model_dump(),
+            request_id=envelope.request_id,
+            deployflag_version=__version__,
+            finished_at=datetime.now(UTC),
+        )
+        fresh, stored_json = await trace.timed(
+            "record",
+            self._retry("record", message, lambda: self._store.record_result(result, self._config)),
+        )
+        if not fresh:  # a concurrent copy recorded first: publish what was stored
+            return TrainingResult.model_validate(stored_json), "duplicate"
+        return result, "ok"
 
     def _claim_call(self, envelope: Envelope) -> Callable[[], Awaitable[Any]]:
         return lambda: self._store.claim(envelope.request_id, envelope.repo_id)

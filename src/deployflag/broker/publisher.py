@@ -7,6 +7,7 @@ them without a word).
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from deployflag.messages import Reply
 from deployflag.settings import Settings
 
 MAX_ERROR_HEADER = 2000  # characters of the error kept in x-deployflag-error
+PUBLISH_TIMEOUT = 30.0  # seconds for one publish, confirm included
 
 
 class Unroutable(Exception):
@@ -35,7 +37,15 @@ class Publisher:
     ) -> None:
         exchange = self._channel.default_exchange if default_exchange else self._exchange
         try:
-            await exchange.publish(message, routing_key=routing_key, mandatory=True, timeout=30)
+            # aiormq's own timeout covers the wait for the confirm, not the wait for the frames
+            # to be written: a publish that raced a reconnect onto the dead connection waited on
+            # that for ever (found by the broker-restart fault scenario). Bound all of it.
+            await asyncio.wait_for(
+                exchange.publish(
+                    message, routing_key=routing_key, mandatory=True, timeout=PUBLISH_TIMEOUT
+                ),
+                PUBLISH_TIMEOUT,
+            )
         except (DeliveryError, PublishError) as exc:
             raise Unroutable(f"{routing_key!r}: {exc}") from None
 
