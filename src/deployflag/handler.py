@@ -61,6 +61,9 @@ log = logs.get_logger("deployflag.handler")
 # bounded, so the loop still never does work proportional to a large payload.
 INLINE_DECODE_BYTES = 64 * 1024
 _BROKER_ERRORS = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
+# aiormq waits, without a timeout, until an ack's frame is written: on a connection that died
+# under it, for ever. Past this, the ack counts as failed (the broker redelivers).
+SETTLE_TIMEOUT = 10.0
 
 
 class Abandon(Exception):
@@ -392,7 +395,7 @@ class MessageHandler:
     async def _ack(self, message: AbstractIncomingMessage) -> None:
         self._check_alive(message)
         try:
-            await message.ack()
+            await asyncio.wait_for(message.ack(), SETTLE_TIMEOUT)
         except _BROKER_ERRORS as exc:
             # The channel went away after the work was recorded: the redelivered copy will
             # find the stored result and only re-publish it.
@@ -402,7 +405,7 @@ class MessageHandler:
         if message.processed or _channel_gone(message):
             return  # a closed channel hands its unacked deliveries back by itself
         with contextlib.suppress(*_BROKER_ERRORS):
-            await message.nack(requeue=True)
+            await asyncio.wait_for(message.nack(requeue=True), SETTLE_TIMEOUT)
 
     def _check_alive(self, message: AbstractIncomingMessage) -> None:
         if _channel_gone(message):
