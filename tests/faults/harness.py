@@ -146,8 +146,13 @@ class Tally:
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
             try:
-                await self.exchange.publish(
-                    message, routing_key=self.names.queue("training"), timeout=10
+                # aiormq's timeout does not cover writing the frames, which can hang for ever
+                # on a connection that died under the publish: bound the whole call.
+                await asyncio.wait_for(
+                    self.exchange.publish(
+                        message, routing_key=self.names.queue("training"), timeout=10
+                    ),
+                    10,
                 )
             except (DeliveryError, Exception):
                 if time.monotonic() > deadline:

@@ -20,7 +20,7 @@ from tests.faults.conftest import FaultTable
 from tests.faults.harness import Tally, metadata_ids
 from tests.support.broker import Names, ServiceProcess
 
-pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300), pytest.mark.rabbitmq]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED: dict[str, Any] = orjson.loads((ROOT / "examples" / "worked-example.json").read_bytes())

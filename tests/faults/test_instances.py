@@ -19,7 +19,12 @@ from tests.faults.conftest import FaultTable
 from tests.faults.harness import Tally, busy_worker, descendants, in_flight, metadata_ids, ok_counts
 from tests.support.broker import Names, ServiceProcess, async_wait_until, wait_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq, pytest.mark.postgres]
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.timeout(300),
+    pytest.mark.rabbitmq,
+    pytest.mark.postgres,
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()

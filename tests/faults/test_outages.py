@@ -24,7 +24,7 @@ from tests.faults.node import BrokerNode
 from tests.support.broker import Names, ServiceProcess, async_wait_until
 from tests.support.postgres import PostgresCluster
 
-pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300), pytest.mark.rabbitmq]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
