@@ -28,7 +28,7 @@ test-unit: install  ## pure tests only: no services needed
 
 test-faults: install  ## the slow fault-injection scenarios
 	scripts/services.sh test-deps
-	$(PY) -m pytest -m faults tests/faults
+	DEPLOYFLAG_FAULTS_REPORT=1 $(PY) -m pytest -m faults tests/faults
 
 faults-report: test-faults  ## the fault table, from the last fault run
 	cat benchmarks/results/faults.md

@@ -45,7 +45,27 @@ def _as_utc(value: datetime) -> datetime:
 Timestamp = Annotated[datetime, BeforeValidator(_require_iso_text), AfterValidator(_as_utc)]
 Frequency = Annotated[StrictInt, Field(ge=0, le=MAX_FREQUENCY)]
 Text = Annotated[StrictStr, Field(min_length=1, max_length=200)]
-RepoId = StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+def _int_or_text(value: Any) -> Any:
+    # Said once, plainly, instead of one error per member of the union.
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"must be an integer or text, not {_json_type(value)}")
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "a boolean", type(None): "null", float: "a number", list: "a list",
+             dict: "an object"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+RepoId = Annotated[
+    StrictInt | Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_LENGTH)],
+    BeforeValidator(_int_or_text),
+]
 
 
 class _Row(BaseModel):
@@ -324,7 +344,8 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
     first = errors[0]
     loc = tuple(first["loc"])
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return InvalidRequest(_reason_for(first["type"], loc), f"{_where(loc)}: {first['msg']}{more}")
+    text = first["msg"].removeprefix("Value error, ")
+    return InvalidRequest(_reason_for(first["type"], loc), f"{_where(loc)}: {text}{more}")
 
 
 # --- replies (SPEC §5) -----------------------------------------------------------------------

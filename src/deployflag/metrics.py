@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 
 # A training request takes from milliseconds (decode, claim) to minutes (a large model fit); the
-# job time limit defaults to 25 minutes, so the buckets run from 1 ms to 10 min.
+# job time limit defaults to 9 minutes, so the buckets run from 1 ms to 10 min.
 STAGE_BUCKETS = (
     0.001,
     0.0025,

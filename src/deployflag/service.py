@@ -97,8 +97,8 @@ class Service:
             try:
                 await store.ping()
                 ok = True
-            except TransientError as exc:
-                ok, error = False, str(exc)
+            except Exception as exc:  # whatever it is, the database is not answering
+                ok, error = False, f"{type(exc).__name__}: {exc}"
             if ok != self.health.database_ok:
                 if ok:
                     log.info("database reachable again")

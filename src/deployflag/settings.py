@@ -160,9 +160,10 @@ class Settings(BaseSettings):
         60.0, gt=0, description="Seconds to finish in-flight work on stop."
     )
     job_time_limit: float = Field(
-        1500.0,
+        540.0,
         gt=0,
-        description="Seconds one training may take; below RabbitMQ's consumer_timeout (30 min).",
+        description="Seconds one training may take. Retries stay on one delivery: keep "
+        "MAX_ATTEMPTS × this below RabbitMQ's consumer_timeout (30 min).",
     )
     max_attempts: int = Field(3, ge=1, description="Tries before a request is parked.")
     max_message_bytes: ByteSize = Field(
