@@ -167,22 +167,23 @@ class MessageHandler:
             await self._park(message, park, trace)
 
     async def _flow(self, message: AbstractIncomingMessage, trace: Trace) -> None:
-        body = message.body
-        headers = dict(message.headers or {})
-        if len(body) > self._s.max_message_bytes:
-            rid = await asyncio.to_thread(worker.fallback_id, body, headers, message.message_id)
+        delivery = worker.Delivery(
+            message.body, dict(message.headers or {}), message.message_id, message.content_type
+        )
+        if len(delivery.body) > self._s.max_message_bytes:
+            rid = await asyncio.to_thread(worker.fallback_id, delivery)
             raise Park(
                 "too_large",
-                f"body of {len(body)} bytes exceeds DEPLOYFLAG_MAX_MESSAGE_BYTES "
+                f"body of {len(delivery.body)} bytes exceeds DEPLOYFLAG_MAX_MESSAGE_BYTES "
                 f"({int(self._s.max_message_bytes)})",
                 rid,
             )
-        envelope = await trace.timed("decode", self._identify(message, headers))
+        envelope = await trace.timed("decode", self._identify(message, delivery))
         structlog.contextvars.bind_contextvars(
             request_id=envelope.request_id, repo_id=envelope.repo_id
         )
         async with self._one_copy_at_a_time(message, envelope.request_id, trace):
-            result, trace.outcome = await self._result(message, headers, envelope, trace)
+            result, trace.outcome = await self._result(message, delivery, envelope, trace)
         # Recorded; if the delivery's channel died meanwhile, its redelivered copy answers.
         self._check_alive(message)
         await trace.timed("publish", self._reply(message, envelope, result))
@@ -214,7 +215,7 @@ class MessageHandler:
     async def _result(
         self,
         message: AbstractIncomingMessage,
-        headers: dict[str, Any],
+        delivery: worker.Delivery,
         envelope: Envelope,
         trace: Trace,
     ) -> tuple[TrainingResult, str]:
@@ -227,7 +228,7 @@ class MessageHandler:
             return TrainingResult.model_validate(claim.result), "duplicate"
 
         computed = await trace.timed(
-            "pipeline", self._compute(message, headers, envelope, claim.attempts)
+            "pipeline", self._compute(message, delivery, envelope, claim.attempts)
         )
         if isinstance(computed, TrainingResult):  # another instance finished it meanwhile
             return computed, "duplicate"
@@ -249,19 +250,13 @@ class MessageHandler:
         return lambda: self._store.claim(envelope.request_id, envelope.repo_id)
 
     async def _identify(
-        self, message: AbstractIncomingMessage, headers: dict[str, Any]
+        self, message: AbstractIncomingMessage, delivery: worker.Delivery
     ) -> Envelope:
-        args = (
-            message.body,
-            headers,
-            message.message_id,
-            message.content_type,
-            self._s.training_task_name,
-        )
-        if len(message.body) <= INLINE_DECODE_BYTES:
-            found = worker.identify(*args)
+        task_name = self._s.training_task_name
+        if len(delivery.body) <= INLINE_DECODE_BYTES:
+            found = worker.identify(delivery, task_name)
         else:
-            found = await self._in_pool(message, worker.identify, *args)
+            found = await self._in_pool(message, worker.identify, delivery, task_name)
         if isinstance(found, worker.Rejected):
             raise Park(found.reason, found.message, found.request_id)
         return found
@@ -282,7 +277,7 @@ class MessageHandler:
     async def _compute(
         self,
         message: AbstractIncomingMessage,
-        headers: dict[str, Any],
+        delivery: worker.Delivery,
         envelope: Envelope,
         attempts: int,
     ) -> worker.Computed | TrainingResult:
@@ -293,10 +288,7 @@ class MessageHandler:
             try:
                 return await self._pool.run(
                     worker.process,
-                    message.body,
-                    headers,
-                    message.message_id,
-                    message.content_type,
+                    delivery,
                     self._s.training_task_name,
                     self._config,
                     time_limit=self._s.job_time_limit,
