@@ -486,6 +486,7 @@ async def part_large(url: str, work: Path, res: Results) -> None:
                     row.note("rss_main", rss.peak_root / MB)
                     row.note("rss_worker", rss.peak_child / MB)
                     row.note("lag_max", poller.lag_max())
+                    row.note("lag_max_bound", float(poller.lag_max_is_bound))
                     log(
                         f"  serve large {i + 1}: {run.seconds:.2f} s, peak RSS service "
                         f"{rss.peak_root / MB:.0f} MB, worker {rss.peak_child / MB:.0f} MB, "
@@ -707,7 +708,7 @@ def report(res: Results, elapsed: float) -> str:
         for r in large:
             add(
                 f"| {r.system} | {fmt(r.m('seconds'), 2)} | {fmt(r.m('rss_main'), 0)} | "
-                f"{fmt(r.m('rss_worker'), 0)} | {ms(r.m('lag_max'))} |"
+                f"{fmt(r.m('rss_worker'), 0)} | {lag_max(r)} |"
             )
         add("")
 
@@ -756,8 +757,14 @@ def lag(row: Row) -> str:
     """p99 / max; "≤" marks a maximum known only as a histogram bucket's upper edge."""
     if "lag_p99" not in row.extra:
         return "—"
+    return f"{ms(row.m('lag_p99'))} / {lag_max(row)}"
+
+
+def lag_max(row: Row) -> str:
+    if "lag_max" not in row.extra:
+        return "—"
     bound = "≤ " if any(row.extra.get("lag_max_bound", [])) else ""
-    return f"{ms(row.m('lag_p99'))} / {bound}{ms(row.m('lag_max'))}"
+    return f"{bound}{ms(row.m('lag_max'))}"
 
 
 def spread(row: Row, digits: int = 1) -> str:
@@ -869,7 +876,8 @@ def plot(res: Results, path: Path) -> None:
     ax.set_xticks([1, 2])
     ax.set_ylim(bottom=0)
     ax.set_title("reference payloads (each trains a model)")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
 
     ax = axes[1]
