@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -14,6 +16,7 @@ from deployflag.exitcodes import RET_CONFIG
 from deployflag.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+WAL_SWITCH_RETRY_SECONDS = 0.05
 PG_POOL_SIZE = 5
 PG_MAX_OVERFLOW = 10
 PG_CONNECT_TIMEOUT = 10.0  # seconds to open one connection
@@ -53,8 +56,28 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
         pool_timeout=POOL_TIMEOUT,
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
     )
-    sync_engine = engine.sync_engine
+    _configure_sqlite(engine.sync_engine)
+    return engine
 
+
+def sqlite_writer_engine(settings: Settings) -> Engine | None:
+    """A synchronous engine on the same SQLite file, for the store's writer thread (None for an
+    in-memory database, which a second engine would not share)."""
+    url = make_url(settings.db_url)
+    if not settings.is_sqlite or sqlite_path(url) is None:
+        return None
+    engine = create_sync_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=POOL_TIMEOUT,
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
+    )
+    _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(sync_engine: Engine) -> None:
     @event.listens_for(sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide where transactions begin (see _on_begin); this also
@@ -62,8 +85,8 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            _enable_wal(cursor)
             cursor.execute("PRAGMA foreign_keys=ON")
         finally:
             cursor.close()
@@ -75,7 +98,26 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
         # milliseconds, so serialising them costs nothing; WAL readers are never blocked.
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
-    return engine
+
+def _enable_wal(cursor: Any) -> None:
+    """Put the file in WAL mode, which is persistent: only a new file needs the switch.
+
+    The switch takes an exclusive lock, and SQLite answers a second process switching the same new
+    file at the same moment with "database is locked" at once, without its busy handler (two
+    instances starting together on a fresh file): so ask first, and retry a loser briefly.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    while True:
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")  # in-memory databases stay "memory"
+            return
+        except Exception as exc:  # the driver's OperationalError: sqlite3's or aiosqlite's
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(WAL_SWITCH_RETRY_SECONDS)
 
 
 def _postgres_engine(url: URL) -> AsyncEngine:

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import cache
+from functools import cache, cached_property
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
-from sqlalchemy import Table, case, func, select, text
+from sqlalchemy import Table, bindparam, case, func, select, text
+from sqlalchemy import insert as plain_insert
 from sqlalchemy.dialects.postgresql import Insert as PgInsert
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.dialects.sqlite.base import SQLiteDialect
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from deployflag.errors import FatalError
 from deployflag.exitcodes import RET_CONFIG
@@ -31,7 +34,7 @@ from deployflag.pipeline.config import PipelineConfig
 from deployflag.redaction import redact
 from deployflag.settings import Settings
 from deployflag.store import migrate
-from deployflag.store.engine import create_engine
+from deployflag.store.engine import create_engine, sqlite_writer_engine
 from deployflag.store.failures import Target, guard
 from deployflag.store.tables import (
     REASON_LENGTH,
@@ -43,6 +46,7 @@ from deployflag.store.tables import (
 )
 
 MAX_ERROR_LENGTH = 10_000
+T = TypeVar("T")
 
 _requests: Table = TrainingRequest.__table__  # type: ignore[assignment]
 _frameworks: Table = ModelFramework.__table__  # type: ignore[assignment]
@@ -87,11 +91,21 @@ class Store:
         self._engine = engine
         self._settings = settings
         self._target = Target.from_url(engine.url)
-        # SQLite has one writer at a time. Queue this process's writers here, where waiting is
-        # free, rather than in SQLite's busy handler, which polls with sleeps of up to 100 ms.
-        self._writers: AbstractAsyncContextManager[Any] = (
-            asyncio.Lock() if engine.dialect.name == "sqlite" else nullcontext()
+        # Ids of versioned rows (model_framework, grid_search_parameter) known to be committed:
+        # they never change once written, so each is looked up once per process, not per request.
+        self._versioned: dict[tuple[str, str], int] = {}
+        # SQLite has one writer at a time, and aiosqlite makes every cursor, execute, fetch and
+        # close a round trip between the loop and its thread (~20 per request). So each write
+        # transaction runs whole, with the synchronous driver, in one thread of the store's own:
+        # one round trip per transaction, and this process's writers queue there, not in
+        # SQLite's busy handler (which polls with sleeps of up to 100 ms).
+        self._writer_engine = sqlite_writer_engine(settings)
+        self._writer_thread = (
+            ThreadPoolExecutor(1, thread_name_prefix="deployflag-sqlite")
+            if self._writer_engine is not None
+            else None
         )
+        self._writers = asyncio.Lock()  # in-memory SQLite: one async writer at a time
 
     @classmethod
     async def open(cls, settings: Settings) -> Store:
@@ -130,6 +144,11 @@ class Store:
         return self._engine
 
     async def close(self) -> None:
+        if self._writer_thread is not None and self._writer_engine is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._writer_thread, self._writer_engine.dispose
+            )
+            self._writer_thread.shutdown(wait=True)
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -148,16 +167,106 @@ class Store:
         async with guard(self._target), self._engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        """One write transaction, committed on exit; database trouble mapped to our errors."""
-        async with self._writers, guard(self._target), self._engine.begin() as conn:
-            yield conn
+    async def _write(self, body: Callable[[Connection], T]) -> T:
+        """Run ``body`` as one write transaction, committed at its end; database trouble mapped
+        to our errors. SQLite files: in the writer thread; otherwise through the async driver."""
+        async with guard(self._target):
+            if self._writer_thread is not None and self._writer_engine is not None:
+                engine = self._writer_engine
+
+                def transaction() -> T:
+                    with engine.begin() as conn:
+                        return body(conn)
+
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._writer_thread, transaction)
+            if self._engine.dialect.name == "sqlite":
+                async with self._writers, self._engine.begin() as conn:
+                    return await conn.run_sync(body)
+            async with self._engine.begin() as conn:
+                return await conn.run_sync(body)
 
     def _insert(self, table: Table) -> PgInsert | SqliteInsert:
         if self._engine.dialect.name == "postgresql":
             return pg_insert(table)
         return sqlite_insert(table)
+
+    # --- the two upserts of every request, built once ----------------------------------------
+    # Building an upsert (its ``excluded`` alias above all) costs more than running it, and
+    # SQLAlchemy 2.0 compiles dialect upserts on every execution anyway (they have no cache key).
+
+    def _reusable(self, statement: Any) -> Any:
+        """The statement as ``text()``, which SQLAlchemy compiles once and then takes from its
+        cache; bound values keep their column types, constants become defaults. (SQLite only:
+        asyncpg's dialect does not render named parameters that ``text()`` can read.)"""
+        if self._engine.dialect.name != "sqlite":
+            return statement
+        dialect = SQLiteDialect(paramstyle="named")
+        compiled = statement.compile(dialect=dialect)
+        params = compiled.params
+        binds = {
+            name: bindparam(name, value=params.get(name), type_=bind.type)
+            for bind, name in compiled.bind_names.items()
+        }
+        return text(compiled.string).bindparams(*binds.values())
+
+    @cached_property
+    def _claim_upsert(self) -> Any:
+        t = _requests
+        now = bindparam("now", type_=t.c.updated_at.type)
+        insert = self._insert(t).values(
+            request_id=bindparam("request_id", type_=t.c.request_id.type),
+            repo_id=bindparam("repo_id", type_=t.c.repo_id.type),
+            status="pending",
+            attempts=1,
+            received_at=now,
+            updated_at=now,
+        )
+        return self._reusable(
+            insert.on_conflict_do_update(
+                index_elements=[t.c.request_id],
+                set_={
+                    "status": "pending",
+                    "attempts": case((t.c.status == "parked", 1), else_=t.c.attempts + 1),
+                    "reason": None,
+                    "error": None,
+                    "finished_at": None,
+                    "repo_id": func.coalesce(insert.excluded.repo_id, t.c.repo_id),
+                    "updated_at": now,
+                },
+                where=t.c.status != "done",
+            ).returning(t.c.attempts)
+        )
+
+    @cached_property
+    def _finish_upsert(self) -> Any:
+        t = _requests
+        now = bindparam("now", type_=t.c.updated_at.type)
+        insert = self._insert(t).values(
+            request_id=bindparam("request_id", type_=t.c.request_id.type),
+            repo_id=bindparam("repo_id", type_=t.c.repo_id.type),
+            status="done",
+            attempts=1,
+            result=bindparam("result", type_=t.c.result.type),
+            received_at=now,
+            finished_at=now,
+            updated_at=now,
+        )
+        return self._reusable(
+            insert.on_conflict_do_update(
+                index_elements=[t.c.request_id],
+                set_={
+                    "status": "done",
+                    "result": insert.excluded.result,
+                    "reason": None,
+                    "error": None,
+                    "finished_at": now,
+                    "repo_id": func.coalesce(insert.excluded.repo_id, t.c.repo_id),
+                    "updated_at": now,
+                },
+                where=t.c.status != "done",
+            ).returning(t.c.id)
+        )
 
     # --- requests ------------------------------------------------------------------------
 
@@ -168,39 +277,20 @@ class Store:
         (a re-drive from the failed queue); done → unchanged, with its stored result.
         """
         t = _requests
-        now = utcnow()
-        insert = self._insert(t).values(
-            request_id=request_id,
-            repo_id=_text_id(repo_id),
-            status="pending",
-            attempts=1,
-            received_at=now,
-            updated_at=now,
-        )
-        upsert = insert.on_conflict_do_update(
-            index_elements=[t.c.request_id],
-            set_={
-                "status": "pending",
-                "attempts": case((t.c.status == "parked", 1), else_=t.c.attempts + 1),
-                "reason": None,
-                "error": None,
-                "finished_at": None,
-                "repo_id": func.coalesce(insert.excluded.repo_id, t.c.repo_id),
-                "updated_at": now,
-            },
-            where=t.c.status != "done",
-        ).returning(t.c.attempts)
-        async with self._transaction() as conn:
-            attempts = (await conn.execute(upsert)).scalar_one_or_none()
+        upsert = self._claim_upsert
+        values = {"request_id": request_id, "repo_id": _text_id(repo_id), "now": utcnow()}
+
+        def transaction(conn: Connection) -> Claim:
+            attempts = conn.execute(upsert, values).scalar_one_or_none()
             if attempts is not None:
                 return Claim(status="pending", attempts=attempts)
             # Nothing was written, so the row is done: a final state, safe to read afterwards.
-            row = (
-                await conn.execute(
-                    select(t.c.attempts, t.c.result).where(t.c.request_id == request_id)
-                )
+            row = conn.execute(
+                select(t.c.attempts, t.c.result).where(t.c.request_id == request_id)
             ).one()
             return Claim(status="done", attempts=row.attempts, result=row.result)
+
+        return await self._write(transaction)
 
     async def record_result(
         self, result: TrainingResult, config: PipelineConfig
@@ -214,41 +304,27 @@ class Store:
         result_json = result.model_dump(mode="json")
         t = _requests
         now = utcnow()
-        insert = self._insert(t).values(
-            request_id=result.request_id,
-            repo_id=_text_id(result.repo_id),
-            status="done",
-            attempts=1,
-            result=result_json,
-            received_at=now,
-            finished_at=now,
-            updated_at=now,
-        )
-        finish = insert.on_conflict_do_update(
-            index_elements=[t.c.request_id],
-            set_={
-                "status": "done",
-                "result": insert.excluded.result,
-                "reason": None,
-                "error": None,
-                "finished_at": now,
-                "repo_id": func.coalesce(insert.excluded.repo_id, t.c.repo_id),
-                "updated_at": now,
-            },
-            where=t.c.status != "done",
-        ).returning(t.c.id)
-        async with self._transaction() as conn:
-            if (await conn.execute(finish)).first() is None:
-                stored = await conn.scalar(
-                    select(t.c.result).where(t.c.request_id == result.request_id)
-                )
+        finish = self._finish_upsert
+        values = {
+            "request_id": result.request_id,
+            "repo_id": _text_id(result.repo_id),
+            "result": result_json,
+            "now": now,
+        }
+        found: dict[tuple[str, str], int] = {}
+
+        def transaction(conn: Connection) -> tuple[bool, dict[str, Any]]:
+            if conn.execute(finish, values).first() is None:
+                stored = conn.scalar(select(t.c.result).where(t.c.request_id == result.request_id))
                 return False, stored if isinstance(stored, dict) else {}
-            framework_id = await self._framework_id(conn, result, config)
-            grid_id = await self._grid_id(conn, config)
+            framework_id = self._framework_id(conn, result, config, found)
+            grid_id = self._grid_id(conn, config, found)
             weights = config.weights
-            await conn.execute(
-                self._insert(_metadata)
-                .values(
+            # A plain INSERT (SQLAlchemy caches its compiled form; dialect upserts are compiled
+            # on every execution): the upsert above moved the request to done in this
+            # transaction, so no metadata row for it can exist yet.
+            conn.execute(
+                plain_insert(_metadata).values(
                     repo_id=str(result.repo_id),
                     precision_score=result.model.precision,
                     roc_auc=result.model.roc_auc,
@@ -265,27 +341,38 @@ class Store:
                     created_at=now,
                     request_id=result.request_id,
                 )
-                .on_conflict_do_nothing(index_elements=[_metadata.c.request_id])
             )
-        return True, result_json
+            return True, result_json
 
-    async def _framework_id(
-        self, conn: AsyncConnection, result: TrainingResult, config: PipelineConfig
+        outcome = await self._write(transaction)
+        self._versioned.update(found)  # committed: safe to reuse from now on
+        return outcome
+
+    def _framework_id(
+        self,
+        conn: Connection,
+        result: TrainingResult,
+        config: PipelineConfig,
+        found: dict[tuple[str, str], int],
     ) -> int:
         estimator = result.model.estimator or config.model.estimator
         library = sklearn_version()
-        return await self._versioned_id(
+        return self._versioned_id(
             conn,
+            found,
             _frameworks,
             f"{estimator}:{library}",
             model_name=estimator,
             model_version=library,
         )
 
-    async def _grid_id(self, conn: AsyncConnection, config: PipelineConfig) -> int:
+    def _grid_id(
+        self, conn: Connection, config: PipelineConfig, found: dict[tuple[str, str], int]
+    ) -> int:
         spec = config.model
-        return await self._versioned_id(
+        return self._versioned_id(
             conn,
+            found,
             _grids,
             spec.grid_version,
             objective=spec.objective,
@@ -297,17 +384,30 @@ class Store:
             },
         )
 
-    async def _versioned_id(
-        self, conn: AsyncConnection, table: Table, version: str, **values: Any
+    def _versioned_id(
+        self,
+        conn: Connection,
+        found: dict[tuple[str, str], int],
+        table: Table,
+        version: str,
+        **values: Any,
     ) -> int:
-        """Insert-if-absent, then read: concurrent writers of one version end with one row."""
-        await conn.execute(
+        """Insert-if-absent, then read: concurrent writers of one version end with one row.
+
+        Once a transaction that wrote or read the row has committed, the id comes from memory.
+        """
+        key = (table.name, version)
+        known = self._versioned.get(key)
+        if known is not None:
+            return known
+        conn.execute(
             self._insert(table)
             .values(version=version, created_at=utcnow(), **values)
             .on_conflict_do_nothing(index_elements=[table.c.version])
         )
-        row_id = await conn.scalar(select(table.c.id).where(table.c.version == version))
+        row_id = conn.scalar(select(table.c.id).where(table.c.version == version))
         assert isinstance(row_id, int)
+        found[key] = row_id
         return row_id
 
     async def record_failure(
@@ -339,8 +439,7 @@ class Store:
             },
             where=t.c.status != "done",
         )
-        async with self._transaction() as conn:
-            await conn.execute(upsert)
+        await self._write(lambda conn: conn.execute(upsert))
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         """The request's row as a dict (for tests and audit), or None."""
