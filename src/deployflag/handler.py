@@ -2,6 +2,12 @@
 
     size check → envelope → claim → pipeline (pool) → record → reply (confirmed) → ack
 
+A small first delivery (up to ``INLINE_DECODE_BYTES``, never delivered before, no other copy
+here) starts its pipeline job while its claim commits: the claim still counts the attempt and
+finds a finished request before anything is recorded or published, and the job is cheap enough
+to throw away when it does. Larger or redelivered requests claim first, so a request that crashes
+its worker is not run again once it is out of attempts.
+
 Acknowledgement policy — the only places this module settles a delivery:
 
 * **ack** after the reply was confirmed by the broker and the database transaction committed
@@ -46,6 +52,7 @@ from deployflag.messages import (
     Envelope,
     Reply,
     TrainingResult,
+    celery_envelope_from_headers,
     encode_celery_reply,
     encode_json_reply,
 )
@@ -182,8 +189,13 @@ class MessageHandler:
         structlog.contextvars.bind_contextvars(
             request_id=envelope.request_id, repo_id=envelope.repo_id
         )
-        async with self._one_copy_at_a_time(message, envelope.request_id, trace):
-            result, trace.outcome = await self._result(message, delivery, envelope, trace)
+        async with self._one_copy_at_a_time(message, envelope.request_id, trace) as waited:
+            speculate = not (waited or message.redelivered) and (
+                len(delivery.body) <= INLINE_DECODE_BYTES
+            )
+            result, trace.outcome = await self._result(
+                message, delivery, envelope, trace, speculate=speculate
+            )
         # Recorded; if the delivery's channel died meanwhile, its redelivered copy answers.
         self._check_alive(message)
         await trace.timed("publish", self._reply(message, envelope, result))
@@ -192,8 +204,9 @@ class MessageHandler:
     @contextlib.asynccontextmanager
     async def _one_copy_at_a_time(
         self, message: AbstractIncomingMessage, request_id: str, trace: Trace
-    ) -> AsyncIterator[None]:
-        """Claim, train and record one copy of a request at a time in this process.
+    ) -> AsyncIterator[bool]:
+        """Claim, train and record one copy of a request at a time in this process; yields
+        whether this copy had to wait for another (then it is most likely a duplicate).
 
         A second copy arrives while the first is still training when the first one's channel
         closed under it (consumer_timeout, a reconnect) or the request was published twice. It
@@ -201,13 +214,15 @@ class MessageHandler:
         parallel — and then finds the stored result. Only the expensive part is exclusive: the
         reply and the ack of either copy never wait for the other.
         """
+        waited = False
         while (running := self._running.get(request_id)) is not None:
+            waited = True
             await trace.timed("claim", running.wait())
             self._check_alive(message)
         done = asyncio.Event()
         self._running[request_id] = done
         try:
-            yield
+            yield waited
         finally:
             del self._running[request_id]
             done.set()
@@ -218,20 +233,35 @@ class MessageHandler:
         delivery: worker.Delivery,
         envelope: Envelope,
         trace: Trace,
+        *,
+        speculate: bool,
     ) -> tuple[TrainingResult, str]:
-        """The request's recorded result, trained here (``ok``) or found (``duplicate``)."""
-        claim = await trace.timed(
-            "claim", self._retry("claim", message, self._claim_call(envelope))
-        )
-        if claim.status == "done":
-            assert claim.result is not None
-            return TrainingResult.model_validate(claim.result), "duplicate"
+        """The request's recorded result, trained here (``ok``) or found (``duplicate``).
 
-        computed = await trace.timed(
-            "pipeline", self._compute(message, delivery, envelope, claim.attempts)
-        )
+        ``speculate``: start the pipeline job now and claim meanwhile (see the module's notes).
+        """
+        early = asyncio.ensure_future(self._run_job(delivery)) if speculate else None
+        try:
+            claim = await trace.timed(
+                "claim", self._retry("claim", message, self._claim_call(envelope))
+            )
+            if claim.status == "done" or claim.attempts > self._s.max_attempts:
+                await _discard(early)
+                early = None
+            if claim.status == "done":
+                assert claim.result is not None
+                return TrainingResult.model_validate(claim.result), "duplicate"
+            job, early = early, None
+            computed = await trace.timed(
+                "pipeline", self._compute(message, delivery, envelope, claim.attempts, job)
+            )
+        finally:
+            if early is not None:  # the claim failed or was cancelled: the job is not wanted
+                _abandon(early)
         if isinstance(computed, TrainingResult):  # another instance finished it meanwhile
             return computed, "duplicate"
+        if envelope.repo_id is None:  # identified from its headers: the body had it
+            structlog.contextvars.bind_contextvars(repo_id=computed.computation.repo_id)
         result = TrainingResult(
             **computed.computation.model_dump(),
             request_id=envelope.request_id,
@@ -255,6 +285,11 @@ class MessageHandler:
         task_name = self._s.training_task_name
         if len(delivery.body) <= INLINE_DECODE_BYTES:
             found = worker.identify(delivery, task_name)
+        elif headed := celery_envelope_from_headers(
+            delivery.headers, delivery.content_type, task_name
+        ):
+            # The usual upstream message: no need to ship and parse a large body twice.
+            found = headed
         else:
             found = await self._in_pool(message, worker.identify, delivery, task_name)
         if isinstance(found, worker.Rejected):
@@ -280,19 +315,18 @@ class MessageHandler:
         delivery: worker.Delivery,
         envelope: Envelope,
         attempts: int,
+        started: asyncio.Future[worker.Computed] | None = None,
     ) -> worker.Computed | TrainingResult:
-        """Run the pipeline; a crash or time limit costs an attempt, and the last one parks."""
+        """Run the pipeline (``started``: its first try, already running); a crash or time
+        limit costs an attempt, and the last one parks."""
         reason, error = "max_attempts", "delivered more often than DEPLOYFLAG_MAX_ATTEMPTS"
         free_retries = self._s.max_attempts  # for pools killed over another job's time limit
         while attempts <= self._s.max_attempts:
             try:
-                return await self._pool.run(
-                    worker.process,
-                    delivery,
-                    self._s.training_task_name,
-                    self._config,
-                    time_limit=self._s.job_time_limit,
-                )
+                if started is not None:
+                    job, started = started, None
+                    return await job
+                return await self._run_job(delivery)
             except InvalidRequest as exc:
                 raise Park(exc.reason, exc.message, envelope.request_id, envelope.repo_id) from None
             except JobTimeLimit as exc:
@@ -316,6 +350,15 @@ class MessageHandler:
             f"{error} (gave up after {self._s.max_attempts} attempts)",
             envelope.request_id,
             envelope.repo_id,
+        )
+
+    async def _run_job(self, delivery: worker.Delivery) -> worker.Computed:
+        return await self._pool.run(
+            worker.process,
+            delivery,
+            self._s.training_task_name,
+            self._config,
+            time_limit=self._s.job_time_limit,
         )
 
     # --- settling -----------------------------------------------------------------------------
@@ -437,6 +480,20 @@ class MessageHandler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), delay)
             delay = min(delay * 2, self._s.retry_backoff_max)
+
+
+async def _discard(job: asyncio.Future[Any] | None) -> None:
+    """Let a job nobody needs finish, whatever its outcome: it is small, and cancelling it
+    would free its pool slot while its worker is still busy with it."""
+    if job is not None:
+        with contextlib.suppress(Exception):
+            await job
+
+
+def _abandon(job: asyncio.Future[Any]) -> None:
+    """Cancel a job nobody will await, and keep its outcome out of the "never retrieved" log."""
+    job.cancel()
+    job.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _bound(key: str) -> Any:

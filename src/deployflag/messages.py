@@ -221,6 +221,30 @@ def _check_task(name: Any, task_name: str) -> None:
         raise InvalidRequest("unknown_task", f"unknown Celery task {str(name)[:200]!r}")
 
 
+def celery_envelope_from_headers(
+    headers: Mapping[str, Any], content_type: str | None, task_name: str
+) -> Envelope | None:
+    """The envelope of a Celery protocol-2 training task, read from its headers alone.
+
+    Protocol 2 carries the task name and id in the headers, so a large body need not be parsed
+    just to learn its request id. None when the headers do not settle it (another envelope, a
+    wrong task or id, a content type that is not JSON): then :func:`decode` decides, and says
+    why. The repo id, which only the body has, is left unset; the body is still validated in
+    full (by :func:`decode`) before anything is computed.
+    """
+    if headers.get("task") != task_name:
+        return None
+    if (content_type or "").split(";")[0].strip().lower() not in JSON_CONTENT_TYPES:
+        return None
+    try:
+        task_id = _normalise_id(headers.get("id"), "task id")
+    except InvalidRequest:
+        return None
+    if task_id is None:
+        return None
+    return Envelope(kind="celery", request_id=task_id, celery_protocol=2)
+
+
 def decode(
     body: bytes,
     headers: Mapping[str, Any],

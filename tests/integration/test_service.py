@@ -18,12 +18,17 @@ import aio_pika
 import orjson
 import pytest
 
+from deployflag.handler import INLINE_DECODE_BYTES
+from deployflag.settings import load_settings
+from deployflag.store import Store
+from deployflag.submit import celery_message
 from tests.support.broker import Names, ServiceProcess, Upstream, async_wait_until, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
+TRAINING_TASK = "deployflag.contrib.ocave.tasks.process_data_from_ocave"
 
 
 def metadata_rows(env: dict[str, str]) -> list[tuple[Any, ...]]:
@@ -165,6 +170,75 @@ async def test_bad_input_is_parked_with_its_reason_and_the_service_keeps_serving
     [reply] = await upstream.drain("save_result", 1, timeout=60)
     assert reply.correlation_id == "after-bad"
     assert await upstream.count("training") == 0
+
+
+async def test_a_small_request_published_again_after_it_finished_gets_the_stored_result(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+) -> None:
+    # A small first delivery starts computing while it is claimed; the claim must still find the
+    # finished request and answer with what was stored, recording nothing new.
+    service = start_service(service_env)
+    await upstream.publish(WORKED, message_id="again")
+    [first] = await upstream.drain("save_result", 1, timeout=60)
+    await upstream.publish(WORKED, message_id="again")
+    [second] = await upstream.drain("save_result", 1, timeout=60)
+    assert second.body == first.body, "the stored result, finished_at included"
+    assert [row[0] for row in metadata_rows(service_env)] == ["again"]
+    await async_wait_until(
+        lambda: outcomes(service) == ["ok", "duplicate"], timeout=10, what="ok, then duplicate"
+    )
+
+
+async def test_a_small_request_out_of_attempts_is_parked_without_a_result(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+) -> None:
+    # Its earlier copies crashed workers three times (DEPLOYFLAG_MAX_ATTEMPTS): even though a
+    # small first delivery computes while it is claimed, the claim decides, and it is parked.
+    start_service(service_env)
+    store = await Store.open(load_settings(database_url=service_env["DEPLOYFLAG_DATABASE_URL"]))
+    try:
+        for _ in range(3):
+            await store.claim("spent", 42)
+    finally:
+        await store.close()
+    await upstream.publish(WORKED, message_id="spent")
+    [parked] = await upstream.drain("failed", 1, timeout=60)
+    assert parked.headers["x-deployflag-reason"] == "max_attempts"
+    assert await upstream.count("save_result") == 0
+    assert metadata_rows(service_env) == []
+
+
+async def test_a_large_celery_request_is_identified_from_its_headers(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+    sample_payload: bytes,
+) -> None:
+    # Protocol-2 bodies above the inline-decode size are not parsed just for their id: the
+    # request must still be answered and recorded with the repo id only its body carries, and
+    # a broken large body must still be parked with its reason.
+    assert len(sample_payload) > INLINE_DECODE_BYTES
+    service = start_service(service_env)
+    message = celery_message(sample_payload, TRAINING_TASK, "large-celery")
+    await upstream.exchange.publish(message, routing_key=upstream.names.queue("training"))
+    broken = b'{"padding": "' + b"x" * INLINE_DECODE_BYTES + b'"}'
+    await upstream.publish(broken, headers={"task": TRAINING_TASK, "id": "large-broken"})
+    [reply] = await upstream.drain("save_result", 1, timeout=120)
+    assert reply.correlation_id == "large-celery"
+    repo_id = orjson.loads(sample_payload)["repo_id"]
+    assert (
+        orjson.loads(reply.body)[1]["repo_id"] == repo_id
+    )  # a Celery reply: [args, kwargs, embed]
+    assert [row[:2] for row in metadata_rows(service_env)] == [("large-celery", str(repo_id))]
+    [parked] = await upstream.drain("failed", 1, timeout=60)
+    assert parked.headers["x-deployflag-reason"] == "bad_celery_body"
+    assert parked.headers["x-deployflag-request-id"] == "large-broken"
+    finished = [line for line in service.log_lines() if line.get("event") == "request finished"]
+    assert {line.get("repo_id") for line in finished if line["outcome"] == "ok"} == {repo_id}
 
 
 async def test_sigterm_during_training_finishes_the_request_and_exits_zero(

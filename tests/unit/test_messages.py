@@ -17,6 +17,7 @@ from deployflag.messages import (
     ModelReport,
     Score,
     TrainingResult,
+    celery_envelope_from_headers,
     decode,
     encode_celery_reply,
     encode_json_reply,
@@ -407,6 +408,39 @@ def test_repo_id_of_the_envelope_is_only_taken_when_it_is_an_id() -> None:
     assert decode_of(payload(repo_id=True)).envelope.repo_id is None
     assert decode_of(payload(repo_id=[1])).envelope.repo_id is None
     assert decode_of({"no": "repo"}).envelope.repo_id is None
+
+
+# --- identifying a Celery protocol-2 message from its headers alone ---------------------------
+
+KOMBU_UUID = {"__type__": "uuid", "__value__": "2b7e4a6c-5d1f-4c1e-9a0b-3f2d8e6c7a91"}
+
+
+@pytest.mark.parametrize("task_id", ["task-1", 17, KOMBU_UUID])
+def test_headers_of_a_protocol_2_task_give_the_same_request_id_as_the_body(task_id: Any) -> None:
+    headers = {"task": TASK, "id": task_id}
+    from_headers = celery_envelope_from_headers(headers, "application/json", TASK)
+    from_body = decode_of([[REQUEST], {}, CELERY_EMBED], headers).envelope
+    assert from_headers is not None
+    assert from_headers.request_id == from_body.request_id
+    assert (from_headers.kind, from_headers.celery_protocol) == ("celery", 2)
+    assert from_headers.repo_id is None  # only the body has it
+
+
+@pytest.mark.parametrize(
+    ("headers", "content_type"),
+    [
+        ({}, "application/json"),  # plain JSON or protocol 1: only the body tells
+        ({"task": "evil.task", "id": "t1"}, "application/json"),
+        ({"task": TASK}, "application/json"),
+        ({"task": TASK, "id": ""}, "application/json"),
+        ({"task": TASK, "id": {"__type__": "uuid", "__value__": "nope"}}, "application/json"),
+        ({"task": TASK, "id": "t1"}, "application/x-python-serialize"),
+    ],
+)
+def test_headers_that_do_not_settle_the_envelope_leave_it_to_the_body(
+    headers: dict[str, Any], content_type: str
+) -> None:
+    assert celery_envelope_from_headers(headers, content_type, TASK) is None
 
 
 # --- replies ----------------------------------------------------------------------------------
