@@ -52,6 +52,7 @@ _requests: Table = TrainingRequest.__table__  # type: ignore[assignment]
 _frameworks: Table = ModelFramework.__table__  # type: ignore[assignment]
 _grids: Table = GridSearchParameter.__table__  # type: ignore[assignment]
 _metadata: Table = ModelPerformanceMetadata.__table__  # type: ignore[assignment]
+_metadata_insert = plain_insert(_metadata)
 
 
 @dataclass(frozen=True)
@@ -320,27 +321,28 @@ class Store:
             framework_id = self._framework_id(conn, result, config, found)
             grid_id = self._grid_id(conn, config, found)
             weights = config.weights
-            # A plain INSERT (SQLAlchemy caches its compiled form; dialect upserts are compiled
-            # on every execution): the upsert above moved the request to done in this
-            # transaction, so no metadata row for it can exist yet.
+            # A plain INSERT, one statement with its values bound at execution (compiled once;
+            # dialect upserts are compiled on every execution): the upsert above moved the
+            # request to done in this transaction, so no metadata row for it can exist yet.
             conn.execute(
-                plain_insert(_metadata).values(
-                    repo_id=str(result.repo_id),
-                    precision_score=result.model.precision,
-                    roc_auc=result.model.roc_auc,
-                    training_time=result.model.training_seconds,
-                    number_of_training_data_rows=result.model.training_rows,
-                    w1_daily_weighted_fix_rate=weights.w1,
-                    w2_historical_weighted_fix_rate=weights.w2,
-                    w3_fix_probability=weights.w3,
-                    w4_severity=weights.w4,
-                    last_training=_aware(result.finished_at),
-                    model_framework_id=framework_id,
-                    grid_search_model_parameters_id=grid_id,
-                    deployflag_version=result.deployflag_version,
-                    created_at=now,
-                    request_id=result.request_id,
-                )
+                _metadata_insert,
+                {
+                    "repo_id": str(result.repo_id),
+                    "precision_score": result.model.precision,
+                    "roc_auc": result.model.roc_auc,
+                    "training_time": result.model.training_seconds,
+                    "number_of_training_data_rows": result.model.training_rows,
+                    "w1_daily_weighted_fix_rate": weights.w1,
+                    "w2_historical_weighted_fix_rate": weights.w2,
+                    "w3_fix_probability": weights.w3,
+                    "w4_severity": weights.w4,
+                    "last_training": _aware(result.finished_at),
+                    "model_framework_id": framework_id,
+                    "grid_search_model_parameters_id": grid_id,
+                    "deployflag_version": result.deployflag_version,
+                    "created_at": now,
+                    "request_id": result.request_id,
+                },
             )
             return True, result_json
 
