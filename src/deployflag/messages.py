@@ -221,6 +221,11 @@ def _check_task(name: Any, task_name: str) -> None:
         raise InvalidRequest("unknown_task", f"unknown Celery task {str(name)[:200]!r}")
 
 
+def _media_type(content_type: str | None) -> str:
+    """``application/json; charset=utf-8`` → ``application/json``."""
+    return (content_type or "").split(";")[0].strip().lower()
+
+
 def celery_envelope_from_headers(
     headers: Mapping[str, Any], content_type: str | None, task_name: str
 ) -> Envelope | None:
@@ -234,7 +239,7 @@ def celery_envelope_from_headers(
     """
     if headers.get("task") != task_name:
         return None
-    if (content_type or "").split(";")[0].strip().lower() not in JSON_CONTENT_TYPES:
+    if _media_type(content_type) not in JSON_CONTENT_TYPES:
         return None
     try:
         task_id = _normalise_id(headers.get("id"), "task id")
@@ -257,7 +262,7 @@ def decode(
 
     Raises :class:`InvalidRequest` for anything that is not one of them.
     """
-    ctype = (content_type or "").split(";")[0].strip().lower()
+    ctype = _media_type(content_type)
     if ctype not in JSON_CONTENT_TYPES:
         raise InvalidRequest(
             "unsupported_content_type", f"content type {ctype[:100]!r} is not JSON; refused"

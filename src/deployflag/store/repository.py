@@ -211,63 +211,71 @@ class Store:
         }
         return text(compiled.string).bindparams(*binds.values())
 
+    def _request_upsert(
+        self, values: dict[str, Any], changes: Callable[[Any], dict[str, Any]]
+    ) -> PgInsert | SqliteInsert:
+        """Insert the request's row, or apply ``changes(excluded)`` to it unless it is done.
+
+        Every transition keeps a known repo id and stamps ``updated_at`` with the row's time.
+        """
+        t = _requests
+        insert = self._insert(t).values(**values)
+        excluded = insert.excluded
+        return insert.on_conflict_do_update(
+            index_elements=[t.c.request_id],
+            set_={
+                **changes(excluded),
+                "repo_id": func.coalesce(excluded.repo_id, t.c.repo_id),
+                "updated_at": values["updated_at"],
+            },
+            where=t.c.status != "done",
+        )
+
+    @staticmethod
+    def _bound_row(**values: Any) -> dict[str, Any]:
+        """Values of a reusable request upsert: ids and time bound at execution."""
+        t = _requests
+        now = bindparam("now", type_=t.c.updated_at.type)
+        return {
+            "request_id": bindparam("request_id", type_=t.c.request_id.type),
+            "repo_id": bindparam("repo_id", type_=t.c.repo_id.type),
+            "attempts": 1,
+            "received_at": now,
+            "updated_at": now,
+            **values,
+        }
+
     @cached_property
     def _claim_upsert(self) -> Any:
         t = _requests
-        now = bindparam("now", type_=t.c.updated_at.type)
-        insert = self._insert(t).values(
-            request_id=bindparam("request_id", type_=t.c.request_id.type),
-            repo_id=bindparam("repo_id", type_=t.c.repo_id.type),
-            status="pending",
-            attempts=1,
-            received_at=now,
-            updated_at=now,
+        upsert = self._request_upsert(
+            self._bound_row(status="pending"),
+            lambda _: {
+                "status": "pending",
+                "attempts": case((t.c.status == "parked", 1), else_=t.c.attempts + 1),
+                "reason": None,
+                "error": None,
+                "finished_at": None,
+            },
         )
-        return self._reusable(
-            insert.on_conflict_do_update(
-                index_elements=[t.c.request_id],
-                set_={
-                    "status": "pending",
-                    "attempts": case((t.c.status == "parked", 1), else_=t.c.attempts + 1),
-                    "reason": None,
-                    "error": None,
-                    "finished_at": None,
-                    "repo_id": func.coalesce(insert.excluded.repo_id, t.c.repo_id),
-                    "updated_at": now,
-                },
-                where=t.c.status != "done",
-            ).returning(t.c.attempts)
-        )
+        return self._reusable(upsert.returning(t.c.attempts))
 
     @cached_property
     def _finish_upsert(self) -> Any:
         t = _requests
-        now = bindparam("now", type_=t.c.updated_at.type)
-        insert = self._insert(t).values(
-            request_id=bindparam("request_id", type_=t.c.request_id.type),
-            repo_id=bindparam("repo_id", type_=t.c.repo_id.type),
-            status="done",
-            attempts=1,
-            result=bindparam("result", type_=t.c.result.type),
-            received_at=now,
-            finished_at=now,
-            updated_at=now,
+        row = self._bound_row(status="done", result=bindparam("result", type_=t.c.result.type))
+        row["finished_at"] = row["updated_at"]
+        upsert = self._request_upsert(
+            row,
+            lambda excluded: {
+                "status": "done",
+                "result": excluded.result,
+                "reason": None,
+                "error": None,
+                "finished_at": row["updated_at"],
+            },
         )
-        return self._reusable(
-            insert.on_conflict_do_update(
-                index_elements=[t.c.request_id],
-                set_={
-                    "status": "done",
-                    "result": insert.excluded.result,
-                    "reason": None,
-                    "error": None,
-                    "finished_at": now,
-                    "repo_id": func.coalesce(insert.excluded.repo_id, t.c.repo_id),
-                    "updated_at": now,
-                },
-                where=t.c.status != "done",
-            ).returning(t.c.id)
-        )
+        return self._reusable(upsert.returning(t.c.id))
 
     # --- requests ------------------------------------------------------------------------
 
@@ -416,30 +424,25 @@ class Store:
         self, request_id: str, repo_id: str | int | None, reason: str, error: str
     ) -> None:
         """Park the request with a reason code and an error text; a done request stays done."""
-        t = _requests
         now = utcnow()
-        insert = self._insert(t).values(
-            request_id=request_id,
-            repo_id=_text_id(repo_id),
-            status="parked",
-            attempts=1,
-            reason=reason[:REASON_LENGTH],
-            error=redact(error)[:MAX_ERROR_LENGTH],
-            received_at=now,
-            finished_at=now,
-            updated_at=now,
-        )
-        upsert = insert.on_conflict_do_update(
-            index_elements=[t.c.request_id],
-            set_={
+        upsert = self._request_upsert(
+            {
+                "request_id": request_id,
+                "repo_id": _text_id(repo_id),
                 "status": "parked",
-                "reason": insert.excluded.reason,
-                "error": insert.excluded.error,
+                "attempts": 1,
+                "reason": reason[:REASON_LENGTH],
+                "error": redact(error)[:MAX_ERROR_LENGTH],
+                "received_at": now,
                 "finished_at": now,
-                "repo_id": func.coalesce(insert.excluded.repo_id, t.c.repo_id),
                 "updated_at": now,
             },
-            where=t.c.status != "done",
+            lambda excluded: {
+                "status": "parked",
+                "reason": excluded.reason,
+                "error": excluded.error,
+                "finished_at": now,
+            },
         )
         await self._write(lambda conn: conn.execute(upsert))
 
