@@ -114,6 +114,10 @@ class Score(BaseModel):
     daily_weighted_fix_rate: float
     historical_weighted_fix_rate: float
     severity_score: int
+    # Forecast scoring: the smoothed fix rate; null under seed scoring, which has none.
+    fix_rate: float | None = None
+    # How many events the shortcode had (of the scoring that produced the result).
+    events: int = 0
 
 
 class ModelReport(BaseModel):
@@ -125,12 +129,23 @@ class ModelReport(BaseModel):
     precision: float | None = None
     training_rows: int = 0
     training_seconds: float = 0.0
+    # Forecast scoring only (null under seed): the recency half-life in days (null: none), the
+    # model's share in the weight, and the recency backtest's Spearman (null: not run or too
+    # little data for it).
+    half_life_days: float | None = None
+    blend_weight: float | None = None
+    backtest_spearman: float | None = None
+
+
+Scoring = Literal["forecast", "seed"]
 
 
 class Computation(BaseModel):
     """What the pure pipeline returns for one request."""
 
     repo_id: int | str
+    # Results stored before the forecast scoring existed were computed by the seed scoring.
+    scoring: Scoring = "seed"
     scores: list[Score]
     model: ModelReport
 
