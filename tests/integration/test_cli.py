@@ -79,6 +79,34 @@ def test_a_bad_recency_stops_with_the_variable_named() -> None:
     assert "DEPLOYFLAG_RECENCY" in one_line_error(done)
 
 
+def test_backtest_says_when_a_payload_is_too_small() -> None:
+    done = deployflag("backtest", str(WORKED))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines()[-1].startswith("verdict: too small for a verdict")
+
+
+def test_backtest_json_lists_every_candidate(tmp_path: Path) -> None:
+    payload = tmp_path / "reference.json"
+    assert (
+        deployflag("generate", "--size", "reference", "--seed", "3", "-o", str(payload)).returncode
+        == 0
+    )
+    done = deployflag("backtest", str(payload), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["enough_data"] is True
+    assert len(report["candidates"]) == 10
+    assert report["verdict"]
+
+
+def test_backtest_of_an_invalid_payload_is_one_line_and_exit_65(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"repo_id": 1, "analysis_run": []}')
+    done = deployflag("backtest", str(bad))
+    assert done.returncode == 65
+    assert "missing_field" in one_line_error(done)
+
+
 def test_run_reads_standard_input() -> None:
     done = deployflag("run", "-", "--compact", stdin=WORKED.read_bytes())
     assert done.returncode == 0
