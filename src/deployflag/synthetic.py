@@ -62,7 +62,7 @@ _TYPES = (
     ("Documentation", -1.3),
     ("Type check", 0.3),
     ("Coverage", -0.5),
-    ("Secrets", 0.6),  # not in §4.1's list: becomes "other"
+    ("Secrets", 0.6),  # not a known type: becomes "other"
 )
 _SEVERITIES = (("critical", 1.0), ("major", 0.4), ("minor", -0.4), ("info", -0.9))
 _HEAT_DAYS = 14.0  # how fast the urge to fix fades
@@ -191,7 +191,7 @@ def generate_with_truth(
                 cur = np.where(fixes & (fix_at == i), cur - np.minimum(dropped, cur), cur)
             seq[i] = cur
         resolved = np.maximum(np.r_[seq[:1] * 0, seq[:-1] - seq[1:]], 0)
-        # A few runs carry no base_oid (never a segment's first): §4.2 drops them.
+        # A few runs carry no base_oid (never a segment's first): segmentation drops them.
         null = rng.random(m) < 0.05
         null[0] = False
         for i in range(m):

@@ -20,7 +20,7 @@ DEFAULT_PARAM_GRID: dict[str, list[Any]] = {
 
 
 class Weights(BaseModel):
-    """Score = w1·daily + w2·historical + w3·fix_probability + w4·severity (SPEC §4.5)."""
+    """Score = w1·daily + w2·historical + w3·fix_probability + w4·severity (seed scoring)."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -1,5 +1,5 @@
-"""Fix-rate events (SPEC §4.2): the request's rows as numpy columns, then one event per drop or
-per daily segment.
+"""The request's rows as numpy columns and the branch-run segmentation (both scorings), and the
+seed scoring's fix-rate events: one per drop or per daily segment (docs/scoring.md).
 
 Rows are grouped once (a stable sort by shortcode, then by time) and everything after that is
 vectorised; the only per-item Python work is ``round(x, 4)`` on the events' fix rates, because
@@ -80,7 +80,7 @@ class Columns:
 def columns(request: TrainingRequest) -> Columns:
     daily, hist = request.analysis_run, request.historical_run
     first_seen, names = encode([r.shortcode for r in daily] + [r.shortcode for r in hist])
-    # Codes in sorted shortcode order: the evaluation order ties on shortcode (§4.4).
+    # Codes in sorted shortcode order: the evaluation order ties on shortcode.
     rank = np.empty(len(names), dtype=np.int64)
     rank[sorted(range(len(names)), key=lambda i: str(names[i]))] = np.arange(len(names))
     code = rank[first_seen] if len(first_seen) else first_seen
@@ -102,8 +102,8 @@ def columns(request: TrainingRequest) -> Columns:
 
 @dataclass(frozen=True, slots=True)
 class Events:
-    """One row per event, grouped by shortcode code in the order §4.2 lists them: a shortcode's
-    historical events in time order, then its daily events in segment order.
+    """One row per event, grouped by shortcode code in the order the seed rule lists them: a
+    shortcode's historical events in time order, then its daily events in segment order.
 
     The row index is therefore the "event order" that later stable sorts fall back on.
     """
