@@ -21,6 +21,11 @@ Acknowledgement policy — the only places this module settles a delivery:
   A second copy of a request this process is already handling (its first delivery's channel was
   closed under it, or it was published twice) also stays unacked: it waits for the first, then
   answers with the stored result.
+* **leave unacked and stop the service** on a ``FatalError`` (credentials, schema): the broker
+  requeues the delivery when the channel closes after the drain; the process exits with the
+  error's code. Retrying or parking cannot help a request whose only fault is the deployment.
+
+The full table, one row per exception type, is in docs/handler.md.
 
 Whatever was recorded before a channel closed stays recorded: the redelivered copy finds it done
 and only re-publishes it, so a request is trained once however often it is delivered.
@@ -46,8 +51,8 @@ from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from deployflag import __version__, logs, sentry, worker
 from deployflag.broker.publisher import Publisher, Unroutable
-from deployflag.errors import InvalidRequest, TransientError
-from deployflag.health import Health
+from deployflag.errors import FatalError, InvalidRequest, TransientError
+from deployflag.health import Health, mark_database
 from deployflag.messages import (
     Envelope,
     Reply,
@@ -112,6 +117,7 @@ class MessageHandler:
         metrics: Metrics,
         health: Health,
         stopping: asyncio.Event,
+        on_fatal: Callable[[FatalError], None] | None = None,
     ) -> None:
         self._s = settings
         self._store = store
@@ -120,6 +126,7 @@ class MessageHandler:
         self._metrics = metrics
         self._health = health
         self._stopping = stopping
+        self._on_fatal = on_fatal or (lambda _: stopping.set())
         self._config = settings.pipeline_config()
         self._origin = f"deployflag@{socket.gethostname()}"
         self._running: dict[str, asyncio.Event] = {}  # request ids being handled here
@@ -130,7 +137,18 @@ class MessageHandler:
         trace = Trace()
         self._metrics.in_flight.inc()
         try:
+            if self._stopping.is_set():
+                # Arrived between the decision to stop and the consumer's cancellation: left
+                # unacked, the broker requeues it when the channel closes after the drain.
+                trace.outcome, trace.reason = "requeued", "stopping"
+                return
             await self._handle(message, trace)
+        except FatalError as exc:
+            # Configuration, credentials or schema: no retry and no park can help, and every
+            # later request would fail the same way. Left unacked (requeued when the channel
+            # closes, so no copy comes back to this instance); the service stops and exits.
+            trace.outcome, trace.reason = "requeued", "fatal"
+            self._on_fatal(exc)
         except Abandon as exc:
             trace.outcome, trace.reason = "requeued", str(exc)
             await self._requeue(message)
@@ -464,14 +482,11 @@ class MessageHandler:
                     raise
                 error = exc
             else:
-                if database and not self._health.database_ok:
-                    self._health.database_ok = True
-                    self._metrics.database_ok.set(1)
-                    log.info("database reachable again")
+                if database:
+                    mark_database(self._health, self._metrics, ok=True)
                 return value
             if database:
-                self._health.database_ok = False
-                self._metrics.database_ok.set(0)
+                mark_database(self._health, self._metrics, ok=False, error=str(error))
             self._metrics.requests.labels(outcome="retried", reason=stage).inc()
             log.warning("transient failure", stage=stage, error=str(error), retry_in=delay)
             if self._stopping.is_set():

@@ -21,9 +21,9 @@ from deployflag.broker import topology
 from deployflag.broker.connection import connect
 from deployflag.broker.publisher import Publisher
 from deployflag.errors import FatalError, TransientError
-from deployflag.exitcodes import RET_BROKER, RET_DATABASE, RET_OK
+from deployflag.exitcodes import RET_BROKER, RET_CONFIG, RET_DATABASE, RET_OK
 from deployflag.handler import MessageHandler
-from deployflag.health import Health, monitor_loop
+from deployflag.health import Health, mark_database, monitor_loop
 from deployflag.http import start_http, stop_http
 from deployflag.metrics import Metrics
 from deployflag.pool import WorkerPool
@@ -49,6 +49,8 @@ class Service:
         self._consumer_tag: str | None = None
         self._http: Any = None
         self._handler: MessageHandler | None = None
+        # The first FatalError met while serving: the service drains, stops, exits with its code.
+        self.fatal: FatalError | None = None
 
     # --- start --------------------------------------------------------------------------------
 
@@ -62,8 +64,7 @@ class Service:
             self._store = await Store.open(s)
         except TransientError as exc:
             raise FatalError(f"database unreachable: {exc}", RET_DATABASE) from None
-        self.health.database_ok = True
-        self.metrics.database_ok.set(1)
+        mark_database(self.health, self.metrics, ok=True)
 
         self._background.append(asyncio.create_task(self._watch_database(self._store)))
 
@@ -79,7 +80,14 @@ class Service:
         self._queue = await consume_channel.get_queue(s.training_queue, ensure=True)
         publisher = Publisher(publish_channel, declared.exchange, s)
         handler = MessageHandler(
-            s, self._store, self._pool, publisher, self.metrics, self.health, self.stopping
+            s,
+            self._store,
+            self._pool,
+            publisher,
+            self.metrics,
+            self.health,
+            self.stopping,
+            on_fatal=self.stop_for,
         )
         self._handler = handler
         self._connection.close_callbacks.add(self._on_connection_lost)
@@ -90,22 +98,28 @@ class Service:
         self._background.append(asyncio.create_task(systemd.watchdog_task(self.health)))
         log.info("consuming", queue=s.training_queue, prefetch=s.effective_prefetch)
 
+    def stop_for(self, error: FatalError) -> None:
+        """Stop serving because of ``error``: drain, close, exit with its code."""
+        if self.fatal is None:
+            self.fatal = error
+            log.error("stopping on a fatal error", error=redact(str(error)), code=error.exit_code)
+        self.stopping.set()
+
     async def _watch_database(self, store: Store) -> None:
-        """Keep /readyz honest while no message touches the database."""
+        """Keep /readyz honest while no message touches the database; stop on a fatal error."""
         while True:
             await asyncio.sleep(self.settings.database_check_interval)
             try:
                 await store.ping()
-                ok = True
+            except FatalError as exc:
+                mark_database(self.health, self.metrics, ok=False, error=str(exc))
+                self.stop_for(exc)
+                return
             except Exception as exc:  # whatever it is, the database is not answering
-                ok, error = False, f"{type(exc).__name__}: {exc}"
-            if ok != self.health.database_ok:
-                if ok:
-                    log.info("database reachable again")
-                else:
-                    log.warning("database unreachable", error=error)
-                self.health.database_ok = ok
-                self.metrics.database_ok.set(1 if ok else 0)
+                error = f"{type(exc).__name__}: {exc}"
+                mark_database(self.health, self.metrics, ok=False, error=error)
+            else:
+                mark_database(self.health, self.metrics, ok=True)
 
     async def _connect(self) -> AbstractRobustConnection:
         delay, waited = 0.5, 0.0
@@ -120,7 +134,7 @@ class Service:
                     raise FatalError(
                         f"broker refused the credentials of "
                         f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
-                        78,
+                        RET_CONFIG,
                     ) from None
                 error = exc
             if waited >= self.settings.broker_connect_timeout or self.stopping.is_set():
@@ -220,7 +234,7 @@ async def serve(settings: Settings) -> int:
             raise
         await service.stopping.wait()
         await service.drain_and_close()
-        return RET_OK
+        return service.fatal.exit_code if service.fatal is not None else RET_OK
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
