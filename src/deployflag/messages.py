@@ -398,6 +398,22 @@ def reply_task_id(request_id: str) -> str:
     return str(uuid.uuid5(_REPLY_NAMESPACE, request_id))
 
 
+def encode_reply(
+    result: TrainingResult,
+    kind: EnvelopeKind,
+    *,
+    reply_format: Literal["auto", "json", "celery"],
+    task_name: str,
+    origin: str,
+) -> Reply:
+    """The reply to a request that came in a ``kind`` envelope: the same kind unless
+    ``reply_format`` names one."""
+    form = kind if reply_format == "auto" else reply_format
+    if form == "celery":
+        return encode_celery_reply(result, task_name, origin)
+    return encode_json_reply(result)
+
+
 def encode_json_reply(result: TrainingResult) -> Reply:
     return Reply(body=orjson.dumps(result.model_dump(mode="json")), headers={})
 

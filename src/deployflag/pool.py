@@ -9,6 +9,7 @@ happened so the attempt can be counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -148,6 +149,20 @@ class WorkerPool:
         if self._executor is not None:
             await asyncio.to_thread(_kill, self._executor)
             self._executor = None
+
+
+async def discard(job: asyncio.Future[Any] | None) -> None:
+    """Let a job nobody needs finish, whatever its outcome: it is small, and cancelling it
+    would free its pool slot while its worker is still busy with it."""
+    if job is not None:
+        with contextlib.suppress(Exception):
+            await job
+
+
+def abandon(job: asyncio.Future[Any]) -> None:
+    """Cancel a job nobody will await, and keep its outcome out of the "never retrieved" log."""
+    job.cancel()
+    job.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _kill(executor: ProcessPoolExecutor) -> None:

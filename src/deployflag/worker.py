@@ -29,6 +29,7 @@ from deployflag.messages import (
     Computation,
     Decoded,
     Envelope,
+    TrainingRequest,
     decode,
     parse_request,
     validate_request,
@@ -151,57 +152,48 @@ def ping() -> int:
 
 
 @dataclass(frozen=True)
-class Rejected:
-    """A delivery that is not a valid request: park it under this id with this reason."""
+class Job:
+    """What a worker needs of an AMQP delivery: small, picklable, no channel attached.
 
-    request_id: str
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a worker needs of an AMQP delivery: small, picklable, no channel attached."""
+    ``envelope``: what the event loop already recognised (from a small body or the headers), so
+    the worker does not parse the body again to rediscover it.
+    """
 
     body: bytes
     headers: Mapping[str, Any]
     message_id: str | None
     content_type: str | None
+    envelope: Envelope | None = None
 
 
-def fallback_id(delivery: Delivery) -> str:
+def fallback_id(job: Job) -> str:
     """The best id for a message that could not be decoded (for the audit row and logs)."""
-    header_id = delivery.headers.get("id")
+    header_id = job.headers.get("id")
     if isinstance(header_id, str) and 0 < len(header_id) <= 255:
         return header_id
-    return delivery.message_id or hashlib.sha256(delivery.body).hexdigest()
+    return job.message_id or hashlib.sha256(job.body).hexdigest()
 
 
-def identify(
-    delivery: Delivery,
-    task_name: str,
-) -> Envelope | Rejected:
-    """Recognise the envelope and the request id, or say why the delivery is not a request."""
+def identify(job: Job, task_name: str) -> Envelope:
+    """Recognise the envelope and the request id; raise :class:`InvalidRequest` (naming the
+    best id there is) when the delivery is not a request."""
     try:
-        ensure_room(PARSE_SPACE_FACTOR * len(delivery.body))
-        return _decode(delivery, task_name).envelope
+        ensure_room(PARSE_SPACE_FACTOR * len(job.body))
+        return _decode(job, task_name).envelope
     except InvalidRequest as exc:
         reason, message = exc.reason, exc.message
     except MemoryError:
         reason, message = "memory_limit", MEMORY_LIMIT_MESSAGE
-    return Rejected(fallback_id(delivery), reason, message)
+    raise InvalidRequest(reason, message, fallback_id(job))
 
 
-def _decode(
-    delivery: Delivery,
-    task_name: str,
-) -> Decoded:
+def _decode(job: Job, task_name: str) -> Decoded:
     try:
         return decode(
-            delivery.body,
-            delivery.headers,
-            message_id=delivery.message_id,
-            content_type=delivery.content_type,
+            job.body,
+            job.headers,
+            message_id=job.message_id,
+            content_type=job.content_type,
             task_name=task_name,
         )
     except InvalidRequest as exc:
@@ -219,43 +211,37 @@ class Computed:
     pid: int
 
 
-def process(
-    delivery: Delivery,
-    task_name: str,
-    config: PipelineConfig,
-) -> Computed:
+def process(job: Job, task_name: str, config: PipelineConfig) -> Computed:
     """Decode, validate and compute one request. Raises InvalidRequest for bad data."""
     started = time.perf_counter()
     try:
-        ensure_room(REQUEST_SPACE_FACTOR * len(delivery.body))
-        computation = _process(delivery, task_name, config)
+        ensure_room(REQUEST_SPACE_FACTOR * len(job.body))
+        computation = _process(job, task_name, config)
     except MemoryError:
         # Hit DEPLOYFLAG_WORKER_MEMORY_LIMIT, in any stage: this payload is too big for a worker.
         raise InvalidRequest("memory_limit", MEMORY_LIMIT_MESSAGE) from None
     return Computed(computation, time.perf_counter() - started, os.getpid())
 
 
-def _process(
-    delivery: Delivery,
-    task_name: str,
-    config: PipelineConfig,
-) -> Computation:
+def _request(job: Job, task_name: str) -> tuple[Envelope, TrainingRequest]:
+    """The validated request, parsing the body once."""
+    if job.envelope is not None and job.envelope.kind == "json":
+        # The body is the request: pydantic reads the bytes itself, without orjson's document
+        # tree and dicts (less memory at the peak, one parse instead of two).
+        return job.envelope, parse_request(job.body)
+    decoded = _decode(job, task_name)
+    return decoded.envelope, validate_request(decoded.request)
+
+
+def _process(job: Job, task_name: str, config: PipelineConfig) -> Computation:
     from deployflag.pipeline import compute
 
     started = time.perf_counter()
-    decoded = _decode(delivery, task_name)
-    envelope = decoded.envelope
+    envelope, request = _request(job, task_name)
     with structlog.contextvars.bound_contextvars(
         request_id=envelope.request_id, repo_id=envelope.repo_id
     ):
         log = logs.get_logger("deployflag.worker")
-        if envelope.kind == "json":
-            # The body is the request: let pydantic read the bytes once the parsed copy is
-            # gone (less memory at the peak than validating the parsed dicts).
-            del decoded
-            request = parse_request(delivery.body)
-        else:
-            request = validate_request(decoded.request)
         try:
             computation = compute(request, config)
         except MemoryError:
