@@ -35,6 +35,7 @@ class Delivery:
     message: AbstractIncomingMessage
     trace: Trace
     envelope: Envelope | None = None  # once the envelope stage has recognised it
+    presumed: bool = False  # the envelope was inferred from the properties (worker.presume_json)
     _job: worker.Job | None = field(default=None, repr=False)
 
     @property
@@ -49,8 +50,9 @@ class Delivery:
         """What a worker needs of this delivery: small, picklable, the envelope included."""
         m = self.message
         if self._job is None or self._job.envelope != self.envelope:
+            headers = dict(m.headers or {})
             self._job = worker.Job(
-                m.body, dict(m.headers or {}), m.message_id, m.content_type, self.envelope
+                m.body, headers, m.message_id, m.content_type, self.envelope, self.presumed
             )
         return self._job
 

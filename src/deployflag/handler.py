@@ -150,13 +150,18 @@ class MessageHandler:
                 await asyncio.to_thread(worker.fallback_id, d.job()),
             )
         envelope = await d.trace.timed("decode", self._identify(d))
-        d.envelope = envelope
-        structlog.contextvars.bind_contextvars(
-            request_id=envelope.request_id, repo_id=envelope.repo_id
-        )
-        async with self._copies.exclusive(d, envelope.request_id) as waited:
-            speculate = not (waited or d.redelivered) and d.size <= INLINE_DECODE_BYTES
-            answer = await self._answer(d, envelope, speculate=speculate)
+        while True:
+            d.envelope = envelope
+            structlog.contextvars.bind_contextvars(
+                request_id=envelope.request_id, repo_id=envelope.repo_id
+            )
+            try:
+                async with self._copies.exclusive(d, envelope.request_id) as waited:
+                    speculate = not (waited or d.redelivered) and d.size <= INLINE_DECODE_BYTES
+                    answer = await self._answer(d, envelope, speculate=speculate)
+                break
+            except worker.EnvelopeMismatch as exc:  # presumed plain JSON; it was not
+                envelope, d.presumed = exc.envelope, False
         d.trace.settle(answer.outcome)
         # Recorded; if the delivery's channel died meanwhile, its redelivered copy answers.
         d.check_alive()
@@ -168,8 +173,12 @@ class MessageHandler:
         job = d.job()
         if d.size <= INLINE_DECODE_BYTES:
             return worker.identify(job, task_name)
+        # The usual upstream messages: no need to ship a large body to the pool twice.
         if headed := celery_envelope_from_headers(job.headers, job.content_type, task_name):
-            return headed  # the usual upstream message: no need to ship a large body twice
+            return headed
+        if presumed := worker.presume_json(job):
+            d.presumed = True
+            return presumed
         return await self._in_pool(d, worker.identify, job, task_name)
 
     async def _answer(self, d: Delivery, envelope: Envelope, *, speculate: bool) -> Answer:

@@ -26,6 +26,7 @@ import structlog
 from deployflag import logs
 from deployflag.errors import InvalidRequest
 from deployflag.messages import (
+    MAX_ID_LENGTH,
     Computation,
     Decoded,
     Envelope,
@@ -41,13 +42,16 @@ _PR_SET_PDEATHSIG = 1
 _limits: Any = None  # keeps threadpoolctl's limit alive for the life of the process
 _memory_limited = False  # set by init_worker when RLIMIT_AS is in force
 
-# Address space needed per byte of body, measured on synthetic payloads (docs/faults.md): orjson
-# peaks at 15.6 x the body while it parses (its document tree plus the Python objects), and the
-# whole request (parse, validate, compute) at about 17 x. Under RLIMIT_AS orjson and pydantic-core
-# (Rust) crash the process instead of raising MemoryError when an allocation fails, so the room
-# is checked before they run: a request that cannot fit is parked as memory_limit at once.
+# Address space needed per byte of body, measured on synthetic payloads with
+# benchmarks/worker_memory.py (docs/faults.md). Decoding with orjson peaks at about 15 x the body
+# (its document tree plus the Python objects); a request whose body is the plain JSON request is
+# validated by pydantic straight from the bytes instead, at about 6.3 x, compute included. Under
+# RLIMIT_AS orjson and pydantic-core (Rust) crash the process instead of raising MemoryError when
+# an allocation fails, so the room is checked before they run: a request that cannot fit is
+# parked as memory_limit at once.
 PARSE_SPACE_FACTOR = 16
-REQUEST_SPACE_FACTOR = 20
+REQUEST_SPACE_FACTOR = 20  # decode, then validate the decoded objects (Celery envelopes)
+JSON_REQUEST_SPACE_FACTOR = 8  # validate the body's bytes directly (plain JSON)
 MEMORY_LIMIT_MESSAGE = "the request needs more memory than DEPLOYFLAG_WORKER_MEMORY_LIMIT"
 
 
@@ -164,6 +168,32 @@ class Job:
     message_id: str | None
     content_type: str | None
     envelope: Envelope | None = None
+    presumed: bool = False  # the envelope was inferred from the properties, not decoded
+
+
+class EnvelopeMismatch(Exception):
+    """A body presumed to be a plain JSON request turned out to be another envelope."""
+
+    def __init__(self, envelope: Envelope) -> None:
+        super().__init__(f"the body is a {envelope.kind} envelope")
+        self.envelope = envelope
+
+    def __reduce__(self) -> tuple[type[EnvelopeMismatch], tuple[Envelope]]:
+        return (type(self), (self.envelope,))
+
+
+def presume_json(job: Job) -> Envelope | None:
+    """The envelope of a large body without a Celery task header, from its properties alone:
+    a plain JSON request under its message id. None when there is no usable id.
+
+    The body is then parsed once, by :func:`process`, instead of once to learn its envelope and
+    again to validate it. Should it not validate, :func:`process` decodes it to find out what it
+    is (a Celery protocol-1 message raises :class:`EnvelopeMismatch`).
+    """
+    rid = job.message_id
+    if "task" in job.headers or not rid or len(rid) > MAX_ID_LENGTH:
+        return None
+    return Envelope(kind="json", request_id=rid)
 
 
 def fallback_id(job: Job) -> str:
@@ -215,7 +245,9 @@ def process(job: Job, task_name: str, config: PipelineConfig) -> Computed:
     """Decode, validate and compute one request. Raises InvalidRequest for bad data."""
     started = time.perf_counter()
     try:
-        ensure_room(REQUEST_SPACE_FACTOR * len(job.body))
+        plain = job.envelope is not None and job.envelope.kind == "json"
+        factor = JSON_REQUEST_SPACE_FACTOR if plain else REQUEST_SPACE_FACTOR
+        ensure_room(factor * len(job.body))
         computation = _process(job, task_name, config)
     except MemoryError:
         # Hit DEPLOYFLAG_WORKER_MEMORY_LIMIT, in any stage: this payload is too big for a worker.
@@ -228,7 +260,16 @@ def _request(job: Job, task_name: str) -> tuple[Envelope, TrainingRequest]:
     if job.envelope is not None and job.envelope.kind == "json":
         # The body is the request: pydantic reads the bytes itself, without orjson's document
         # tree and dicts (less memory at the peak, one parse instead of two).
-        return job.envelope, parse_request(job.body)
+        try:
+            return job.envelope, parse_request(job.body)
+        except InvalidRequest:
+            if not job.presumed:
+                raise
+            ensure_room(PARSE_SPACE_FACTOR * len(job.body))
+            real = _decode(job, task_name).envelope  # raises its own reason for a non-request
+            if (real.kind, real.request_id) != (job.envelope.kind, job.envelope.request_id):
+                raise EnvelopeMismatch(real) from None
+            raise
     decoded = _decode(job, task_name)
     return decoded.envelope, validate_request(decoded.request)
 

@@ -30,10 +30,10 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(300), pytest.mark.rabbitmq
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
 TRAINING_CPU = 1.0  # CPU seconds after which a fresh worker is surely computing, not parsing
-# A pool worker maps about 300 MB once numpy and scikit-learn are loaded (VmSize, measured);
-# the large payload (41 MB) needs 20 x its size more (worker.REQUEST_SPACE_FACTOR), the worked
-# example (2 kB) next to nothing. 768 MiB parks the one and serves the other.
-MEMORY_LIMIT = str(768 * 1024 * 1024)
+# A pool worker maps about 350 MB once numpy and scikit-learn are loaded (VmSize, measured);
+# the large plain JSON payload (41 MB) needs 8 x its size more (worker.JSON_REQUEST_SPACE_FACTOR),
+# the worked example (2 kB) next to nothing. 512 MiB parks the one and serves the other.
+MEMORY_LIMIT = str(512 * 1024 * 1024)
 
 
 async def kill_training_worker(service: ServiceProcess, killed: list[int]) -> int:

@@ -361,3 +361,41 @@ async def test_an_unexpected_error_requeues_the_delivery_and_keeps_serving() -> 
     assert not r.stopping.is_set()
     again = await r.deliver(request("r2"))
     assert again.settled == ["ack"]
+
+
+# --- large bodies: the pool round trips ----------------------------------------------------------
+
+
+def large(body: bytes = WORKED) -> bytes:
+    """The same request, padded past the inline-decode size with a field the schema ignores."""
+    from deployflag.handler import INLINE_DECODE_BYTES
+
+    request = orjson.loads(body)
+    request["padding"] = "x" * INLINE_DECODE_BYTES
+    return orjson.dumps(request)
+
+
+async def test_a_large_plain_json_request_takes_one_pool_round_trip() -> None:
+    r = rig()
+    message = await r.deliver(FakeMessage(large(), message_id="big-json"))
+    assert message.settled == ["ack"]
+    assert r.pool.calls == ["process"], "no separate trip to learn the envelope"
+    assert r.store.claims == ["big-json"], "claimed before it was computed"
+    assert r.publisher.replies[0].correlation_id == "big-json"
+
+
+async def test_a_large_invalid_body_presumed_json_is_parked_with_its_own_reason() -> None:
+    r = rig()
+    body = b'{"repo_id": 1, "padding": "' + b"x" * 70_000 + b'"'  # truncated JSON
+    message = await r.deliver(FakeMessage(body, message_id="big-broken"))
+    assert message.settled == ["ack"]
+    assert r.publisher.parked == [("big-broken", "not_json")]
+
+
+async def test_a_large_celery_protocol_1_body_is_answered_under_its_own_task_id() -> None:
+    r = rig()
+    body = orjson.dumps({"task": TASK, "id": "task-7", "args": [orjson.loads(large())]})
+    message = await r.deliver(FakeMessage(body, message_id="amqp-id"))
+    assert message.settled == ["ack"]
+    assert r.publisher.replies[0].correlation_id == "task-7"
+    assert "task-7" in r.store.results
