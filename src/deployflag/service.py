@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Awaitable
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -32,6 +33,7 @@ from deployflag.settings import Settings
 from deployflag.store.repository import Store
 
 log = logs.get_logger("deployflag.service")
+CLOSE_TIMEOUT = 10.0  # seconds for the broker connection to close
 
 
 class Service:
@@ -68,9 +70,8 @@ class Service:
 
         self._background.append(asyncio.create_task(self._watch_database(self._store)))
 
-        self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild)
+        self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild, on_health=self._on_pool_health)
         await self._pool.start()
-        self.health.pool_alive = True
 
         self._connection = await self._connect()
         consume_channel = await self._connection.channel()
@@ -174,6 +175,9 @@ class Service:
     def _on_pool_rebuild(self, cause: str) -> None:
         self.metrics.pool_rebuilds.labels(cause=cause).inc()
 
+    def _on_pool_health(self, ok: bool) -> None:
+        self.health.pool_alive = ok
+
     # --- stop ---------------------------------------------------------------------------------
 
     async def drain_and_close(self) -> None:
@@ -196,17 +200,26 @@ class Service:
         log.info("stopped")
 
     async def close(self) -> None:
+        """Close every part, each on its own: one that fails is logged, the rest still close."""
         for task in self._background:
             task.cancel()
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), 10)
+        await self._close_step("broker connection", self._close_connection())
         if self._pool is not None:
-            await self._pool.close()
-            self.health.pool_alive = False
+            await self._close_step("worker pool", self._pool.close())
         if self._store is not None:
-            await self._store.close()
-        await stop_http(self._http)
+            await self._close_step("database", self._store.close())
+        await self._close_step("HTTP endpoint", stop_http(self._http))
+
+    async def _close_connection(self) -> None:
+        if self._connection is not None:
+            await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT)
+
+    @staticmethod
+    async def _close_step(part: str, closing: Awaitable[None]) -> None:
+        try:
+            await closing
+        except Exception as exc:  # closing anyway: nothing left to do about it but say so
+            log.warning("could not close cleanly", part=part, error=redact(f"{exc!r}"))
 
 
 async def serve(settings: Settings) -> int:
