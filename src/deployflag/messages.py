@@ -1,4 +1,4 @@
-"""Messages on the wire (SPEC §3, §5): request and result schemas, and the two envelopes.
+"""Messages on the wire (docs/protocol.md): request and result schemas, and the envelopes.
 
 Decoding is O(body) work, so the service calls :func:`decode` in a worker process, never on the
 event loop. Nothing here is ever unpickled or evaluated: bodies are JSON, parsed by orjson.
@@ -96,7 +96,7 @@ class HistoricalRun(_Row):
 
 
 class TrainingRequest(_Row):
-    """The training request of SPEC §3; field names are the upstream's."""
+    """The training request (docs/protocol.md); field names are the upstream's."""
 
     repo_id: RepoId
     default_branch_name: StrictStr | None = None
@@ -104,7 +104,7 @@ class TrainingRequest(_Row):
     historical_run: list[HistoricalRun]
 
 
-# --- the result (SPEC §5) ------------------------------------------------------------------
+# --- the result (docs/protocol.md) ---------------------------------------------------------------
 
 
 class Score(BaseModel):
@@ -144,7 +144,7 @@ class TrainingResult(Computation):
     finished_at: datetime
 
 
-# --- envelopes (SPEC §3) -------------------------------------------------------------------
+# --- envelopes (docs/protocol.md) ----------------------------------------------------------------
 
 EnvelopeKind = Literal["json", "celery"]
 
@@ -377,7 +377,7 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(_reason_for(first["type"], loc), f"{_where(loc)}: {text}{more}")
 
 
-# --- replies (SPEC §5) -----------------------------------------------------------------------
+# --- replies (docs/protocol.md) ------------------------------------------------------------------
 
 CELERY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _REPLY_NAMESPACE = uuid.UUID("6f1d3a52-5e0c-4c1e-9a37-0d2b1f6d8e11")
@@ -422,7 +422,7 @@ def encode_celery_reply(result: TrainingResult, task_name: str, origin: str) -> 
     """A Celery protocol-2 task message that a stock Celery worker executes.
 
     Celery needs the JSON content type and the full three-element body; without them its worker
-    crashes on the message, and again on every restart (NOTES.md).
+    crashes on the message, and again on every restart, as the message stays queued.
     """
     kwargs = {
         "deployflag_results": [

@@ -1,4 +1,4 @@
-"""The exchange and queues of SPEC §2, declared identically by every instance.
+"""The exchange and queues (docs/protocol.md), declared identically by every instance.
 
 Queues carry no arguments by default, so an upstream that declares the same queues plainly does not
 collide (PRECONDITION_FAILED); dead-lettering and length limits belong in RabbitMQ policies.

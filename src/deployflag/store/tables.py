@@ -1,4 +1,4 @@
-"""The metadata tables (SPEC §6), with the original service's table and column names.
+"""The metadata tables (docs/database.md), with the original service's table and column names.
 
 Keep this module and ``migrations/versions`` in step: a test compares them after ``upgrade head``.
 """
@@ -137,7 +137,7 @@ class ModelPerformanceMetadata(Base):
 
 
 class TrainingRequest(Base):
-    """Every request seen, for de-duplication and audit (SPEC §6, §7)."""
+    """Every request seen, for de-duplication and audit."""
 
     __tablename__ = "training_request"
     __table_args__ = (
