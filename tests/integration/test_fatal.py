@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy.engine import URL
 
 from deployflag import exitcodes
-from tests.support.broker import ServiceProcess, Upstream, async_wait_until
+from tests.support.broker import ServiceProcess, Upstream
 from tests.support.postgres import PostgresCluster
+from tests.support.toolkit import async_wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
