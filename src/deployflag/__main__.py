@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deployflag: {redact(str(exc))}", file=sys.stderr)
         return exitcodes.RET_DATABASE
     except KeyboardInterrupt:
-        return 130
+        return exitcodes.RET_INTERRUPTED
     except Exception as exc:  # a bug: one line here, the traceback in the log (and Sentry)
         from deployflag import sentry
 

@@ -1,4 +1,4 @@
-"""Messages on the wire (SPEC §3, §5): request and result schemas, and the two envelopes.
+"""Messages on the wire (docs/protocol.md): request and result schemas, and the envelopes.
 
 Decoding is O(body) work, so the service calls :func:`decode` in a worker process, never on the
 event loop. Nothing here is ever unpickled or evaluated: bodies are JSON, parsed by orjson.
@@ -96,7 +96,7 @@ class HistoricalRun(_Row):
 
 
 class TrainingRequest(_Row):
-    """The training request of SPEC §3; field names are the upstream's."""
+    """The training request (docs/protocol.md); field names are the upstream's."""
 
     repo_id: RepoId
     default_branch_name: StrictStr | None = None
@@ -104,7 +104,7 @@ class TrainingRequest(_Row):
     historical_run: list[HistoricalRun]
 
 
-# --- the result (SPEC §5) ------------------------------------------------------------------
+# --- the result (docs/protocol.md) ---------------------------------------------------------------
 
 
 class Score(BaseModel):
@@ -159,7 +159,7 @@ class TrainingResult(Computation):
     finished_at: datetime
 
 
-# --- envelopes (SPEC §3) -------------------------------------------------------------------
+# --- envelopes (docs/protocol.md) ----------------------------------------------------------------
 
 EnvelopeKind = Literal["json", "celery"]
 
@@ -392,7 +392,7 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(_reason_for(first["type"], loc), f"{_where(loc)}: {text}{more}")
 
 
-# --- replies (SPEC §5) -----------------------------------------------------------------------
+# --- replies (docs/protocol.md) ------------------------------------------------------------------
 
 CELERY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _REPLY_NAMESPACE = uuid.UUID("6f1d3a52-5e0c-4c1e-9a37-0d2b1f6d8e11")
@@ -413,6 +413,22 @@ def reply_task_id(request_id: str) -> str:
     return str(uuid.uuid5(_REPLY_NAMESPACE, request_id))
 
 
+def encode_reply(
+    result: TrainingResult,
+    kind: EnvelopeKind,
+    *,
+    reply_format: Literal["auto", "json", "celery"],
+    task_name: str,
+    origin: str,
+) -> Reply:
+    """The reply to a request that came in a ``kind`` envelope: the same kind unless
+    ``reply_format`` names one."""
+    form = kind if reply_format == "auto" else reply_format
+    if form == "celery":
+        return encode_celery_reply(result, task_name, origin)
+    return encode_json_reply(result)
+
+
 def encode_json_reply(result: TrainingResult) -> Reply:
     return Reply(body=orjson.dumps(result.model_dump(mode="json")), headers={})
 
@@ -421,7 +437,7 @@ def encode_celery_reply(result: TrainingResult, task_name: str, origin: str) -> 
     """A Celery protocol-2 task message that a stock Celery worker executes.
 
     Celery needs the JSON content type and the full three-element body; without them its worker
-    crashes on the message, and again on every restart (NOTES.md).
+    crashes on the message, and again on every restart, as the message stays queued.
     """
     kwargs = {
         "deployflag_results": [

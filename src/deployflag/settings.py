@@ -272,12 +272,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
-        total = self.w1 + self.w2 + self.w3 + self.w4
-        if abs(total - 1.0) > 1e-9:
+        try:  # the pipeline's own model says what valid weights are
+            Weights(w1=self.w1, w2=self.w2, w3=self.w3, w4=self.w4)
+        except ValidationError as exc:
+            problem = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
             raise ValueError(
-                f"DEPLOYFLAG_W1 + DEPLOYFLAG_W2 + DEPLOYFLAG_W3 + DEPLOYFLAG_W4 must sum to 1, "
-                f"not {total:g}"
-            )
+                f"DEPLOYFLAG_W1 + DEPLOYFLAG_W2 + DEPLOYFLAG_W3 + DEPLOYFLAG_W4: {problem}"
+            ) from None
         variable = "DEPLOYFLAG_DATABASE_URL" if self.database_url else "USE_DB/SQLITE_DB_PATH/PG_*"
         url = self.database_url.get_secret_value() if self.database_url else self._legacy_db_url()
         try:

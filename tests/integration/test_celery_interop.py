@@ -17,13 +17,9 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support.broker import (
-    Names,
-    ServiceProcess,
-    Upstream,
-    async_wait_until,
-)
+from tests.support.broker import Names, ServiceProcess, Upstream
 from tests.support.celery_upstream import TRAINING_TASK, make_app
+from tests.support.toolkit import async_wait_until
 
 pytestmark = pytest.mark.rabbitmq
 ROOT = Path(__file__).resolve().parents[2]

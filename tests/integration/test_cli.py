@@ -13,8 +13,9 @@ import orjson
 import pytest
 
 from deployflag import exitcodes
-from tests.support.broker import ServiceProcess, free_port
+from tests.support.broker import ServiceProcess
 from tests.support.postgres import PostgresCluster
+from tests.support.toolkit import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = ROOT / "examples" / "worked-example.json"

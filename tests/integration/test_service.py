@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,8 @@ from deployflag.handler import INLINE_DECODE_BYTES
 from deployflag.settings import load_settings
 from deployflag.store import Store
 from deployflag.submit import celery_message
-from tests.support.broker import Names, ServiceProcess, Upstream, async_wait_until, rabbitmqctl
+from tests.support.broker import Names, ServiceProcess, Upstream
+from tests.support.toolkit import async_wait_until, metric, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -325,16 +325,8 @@ async def test_broker_restart_reconnects_and_re_registers_the_consumer(
 
 def in_flight(service: ServiceProcess) -> int:
     """The service's in-flight gauge, read from /metrics (-1 when unreachable)."""
-    try:
-        url = f"http://127.0.0.1:{service.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return -1
-    for line in text.splitlines():
-        if line.startswith("deployflag_in_flight "):
-            return int(float(line.split()[1]))
-    return -1
+    value = metric(service.http_port, "deployflag_in_flight")
+    return -1 if value is None else int(value)
 
 
 async def test_quorum_queues_are_one_setting_away(

@@ -1,4 +1,4 @@
-"""The handful of queries the service needs (SPEC §6, §7), each one transaction, each race-free.
+"""The few queries the service needs (docs/database.md), each one transaction, each race-free.
 
 Every write is a single upsert (``INSERT … ON CONFLICT``) rather than read-then-write, so any
 number of processes on any number of machines can run them at once. Both SQLite (≥ 3.35) and

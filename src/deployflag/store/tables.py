@@ -142,7 +142,7 @@ class ModelPerformanceMetadata(Base):
 
 
 class TrainingRequest(Base):
-    """Every request seen, for de-duplication and audit (SPEC §6, §7)."""
+    """Every request seen, for de-duplication and audit."""
 
     __tablename__ = "training_request"
     __table_args__ = (
