@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -101,19 +101,11 @@ async def _count_is(upstream: Upstream, kind: str, n: int) -> bool:
     return await upstream.count(kind) == n
 
 
-def request_rows(env: dict[str, str]) -> dict[str, tuple[str, int]]:
-    path = env["DEPLOYFLAG_DATABASE_URL"].split("///", 1)[1]
-    with sqlite3.connect(path) as db:
-        rows = db.execute("SELECT request_id, status, attempts FROM training_request").fetchall()
-    return {rid: (status, attempts) for rid, status, attempts in rows}
-
-
-def park_rows(env: dict[str, str]) -> list[tuple[str, str, int, str | None]]:
-    path = env["DEPLOYFLAG_DATABASE_URL"].split("///", 1)[1]
-    with sqlite3.connect(path) as db:
-        return db.execute(
-            "SELECT request_id, reason, replay_count, replayed_at FROM training_request_park"
-        ).fetchall()
+def reports(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """What `requests show` says of every request of the worked example's repository."""
+    done = deployflag("requests", "show", "--repo", "42", "--last", "1000", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    return {r["request_id"]: r for r in orjson.loads(done.stdout)}
 
 
 def trained(service: ServiceProcess) -> Counter[str]:
@@ -123,6 +115,19 @@ def trained(service: ServiceProcess) -> Counter[str]:
         for line in service.log_lines()
         if line.get("event") == "request finished" and line.get("outcome") == "ok"
     )
+
+
+@pytest.fixture(
+    params=[pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+def backend_env(request: pytest.FixtureRequest, service_env: dict[str, str]) -> dict[str, str]:
+    """The service environment on SQLite (its default) or on a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        cluster = request.getfixturevalue("postgres")
+        url = cluster.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
+        service_env = {**service_env, "DEPLOYFLAG_DATABASE_URL": url}
+        service_env["DEPLOYFLAG_AUTO_MIGRATE"] = "true"
+    return service_env
 
 
 # --- list -----------------------------------------------------------------------------------
@@ -187,9 +192,10 @@ async def test_list_of_a_missing_queue_is_one_line_and_exit_69(
 
 async def test_replay_after_raising_the_limit_answers_each_request_exactly_once(
     start_service: Callable[..., ServiceProcess],
-    service_env: dict[str, str],
+    backend_env: dict[str, str],
     upstream: Upstream,
 ) -> None:
+    service_env = backend_env
     json_ids = [f"json-{i}" for i in range(8)]
     celery_ids = [f"task-{i}" for i in range(4)]
     await park_requests(
@@ -222,13 +228,14 @@ async def test_replay_after_raising_the_limit_answers_each_request_exactly_once(
     # And the one that is still broken stays parked
     assert await depth(upstream, "failed") == 1
     # And each request trained from attempt 1, its park kept in the history
-    rows = request_rows(service_env)
-    assert all(rows[rid] == ("done", 1) for rid in everyone)
-    parks = park_rows(service_env)
-    assert sorted(p[0] for p in parks) == sorted(everyone)
-    assert all(p[1] == "too_large" and p[2] == 1 and p[3] is not None for p in parks)
-    show = deployflag("requests", "show", "json-0", "--json", env=cli_env(service_env))
-    assert [p["reason"] for p in orjson.loads(show.stdout)["parks"]] == ["too_large"]
+    found = reports(cli_env(service_env))
+    assert {rid: (found[rid]["status"], found[rid]["attempts"]) for rid in everyone} == {
+        rid: ("done", 1) for rid in everyone
+    }
+    for rid in everyone:
+        [park] = found[rid]["parks"]
+        assert (park["reason"], park["replay_count"]) == ("too_large", 1)
+        assert park["replayed_at"] is not None
 
 
 async def test_replay_needs_a_selection(service_env: dict[str, str]) -> None:
@@ -239,9 +246,10 @@ async def test_replay_needs_a_selection(service_env: dict[str, str]) -> None:
 
 async def test_a_replay_killed_midway_and_run_again_loses_nothing_and_trains_nothing_twice(
     start_service: Callable[..., ServiceProcess],
-    service_env: dict[str, str],
+    backend_env: dict[str, str],
     upstream: Upstream,
 ) -> None:
+    service_env = backend_env
     ids = [f"req-{i:03d}" for i in range(60)]
     await park_requests(upstream, start_service, service_env, json_ids=ids)
     service = start_service(service_env)
@@ -276,8 +284,8 @@ async def test_a_replay_killed_midway_and_run_again_loses_nothing_and_trains_not
     assert set(r.correlation_id for r in replies) == set(ids)  # nothing lost
     assert trained(service) == Counter(ids)  # nothing trained twice
     assert await depth(upstream, "failed") == 0
-    rows = request_rows(service_env)
-    assert all(rows[rid][0] == "done" for rid in ids)
+    found = reports(cli_env(service_env))
+    assert {found[rid]["status"] for rid in ids} == {"done"}
     print(f"killed after {printed} printed; {len(replies) - len(ids)} duplicate replies")
 
 
