@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install (Debian packages) and start what deployflag and its tests need, on 127.0.0.1 only.
 #   scripts/services.sh rabbitmq   RabbitMQ for `make run` and the tests (idempotent)
-#   scripts/services.sh test-deps  RabbitMQ + PostgreSQL server binaries + systemd-analyze
+#   scripts/services.sh test-deps  RabbitMQ + PostgreSQL server binaries + systemd-analyze +
+#                                  Prometheus (server and promtool, never started as a service)
 # The tests start their own throwaway PostgreSQL cluster; they only need the binaries.
 set -euo pipefail
 
@@ -51,6 +52,8 @@ test_deps() {
   fi
   command -v systemd-analyze >/dev/null || { echo "systemd-analyze: installing"; apt_install systemd; }
   command -v sqlite3 >/dev/null || apt_install sqlite3
+  # promtool checks and unit-tests the shipped alert rules; the server is scraped by a test.
+  command -v promtool >/dev/null || { echo "prometheus: installing"; apt_install prometheus; }
 }
 
 case "${1:-}" in
