@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
 # A Debian bookworm image with Python 3.11 for docker/Dockerfile, built without any registry:
 #   scripts/base-image.sh [TAG]     (default localhost/debian-python:bookworm)
+#   scripts/base-image.sh --mirror  print the Debian mirror apt uses here (for other builds)
 # debootstrap fetches from the mirror apt already uses here (read from apt's sources, never
 # written down in the repository); the result is kept in podman's image store, so a second run
 # returns at once. Needs root, podman and debootstrap (scripts/services.sh containers).
 set -euo pipefail
 TAG="${1:-localhost/debian-python:bookworm}"
-
-if podman image exists "$TAG"; then
-  echo "base image: $TAG (cached)"; exit 0
-fi
 
 mirror() {
   # deb822 sources first (URIs: lines), then one-line sources; the first Debian archive wins.
@@ -24,6 +21,13 @@ mirror() {
   [ -n "$uri" ] || { echo "base image: no Debian mirror in apt's sources" >&2; exit 1; }
   echo "$uri"
 }
+
+if [ "$TAG" = "--mirror" ]; then
+  mirror; exit 0
+fi
+if podman image exists "$TAG"; then
+  echo "base image: $TAG (cached)"; exit 0
+fi
 
 MIRROR=$(mirror)
 ROOTFS=$(mktemp -d /tmp/deployflag-rootfs.XXXXXX)

@@ -65,6 +65,8 @@ containers() {
   command -v debootstrap >/dev/null || { echo "debootstrap: installing"; apt_install debootstrap; }
   # Name resolution between compose services on podman's CNI networks.
   [ -x /usr/lib/cni/dnsname ] || apt_install golang-github-containernetworking-plugin-dnsname
+  # compose's `init: true` runs podman's init (catatonit) as PID 1.
+  [ -x /usr/libexec/podman/catatonit ] || apt_install catatonit
   local conf=/etc/containers/containers.conf
   if ! grep -qs '^runtime *= *"runc"' "$conf"; then
     # podman's default ulimits exceed the hard limits of these machines (setrlimit fails).

@@ -86,3 +86,39 @@ def logs(name: str) -> str:
 
 def remove(name: str) -> None:
     podman("rm", "-f", "-t", "5", name, check=False, timeout=60)
+
+
+STANDINS = ROOT / "tests" / "container" / "standins"
+# The names docker/compose.yaml uses, built locally (podman finds short names in localhost/).
+COMPOSE_IMAGES = {
+    "rabbitmq": "localhost/rabbitmq:3.13-management",
+    "postgres": "localhost/postgres:16",
+}
+COMPOSE_DEPLOYFLAG_IMAGE = "localhost/deployflag:local"
+
+
+def debian_mirror() -> str:
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "base-image.sh"), "--mirror"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"no Debian mirror: {done.stderr}", pytrace=False)
+    return done.stdout.strip()
+
+
+def build_compose_images() -> None:
+    """The stand-ins for the broker and database images, and the deployflag image under the
+    name compose gives it."""
+    image = build_image()
+    mirror = debian_mirror()
+    for service, tag in COMPOSE_IMAGES.items():
+        podman(
+            "build", *build_args(), "--build-arg", f"BASE={BASE_IMAGE}",
+            "--build-arg", f"DEBIAN_MIRROR={mirror}", "-t", tag, str(STANDINS / service),
+            timeout=BUILD_TIMEOUT,
+        )  # fmt: skip
+    podman("tag", image, COMPOSE_DEPLOYFLAG_IMAGE)

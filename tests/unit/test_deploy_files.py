@@ -179,7 +179,7 @@ def test_compose_service_environment_ports_and_stop(compose: dict[str, Any]) -> 
     assert env["DEPLOYFLAG_DATABASE_URL"].startswith("postgresql+asyncpg://")
     assert "@postgres:5432/" in env["DEPLOYFLAG_DATABASE_URL"]
     assert compose["services"]["migrate"]["environment"] == env
-    assert "8080:8080" in service["ports"]
+    assert "${DEPLOYFLAG_PORT:-8080}:8080" in service["ports"]
     grace = service["stop_grace_period"]
     assert grace.endswith("s")
     assert int(grace[:-1]) > 60, "must exceed DEPLOYFLAG_DRAIN_TIMEOUT (60 s)"
