@@ -237,8 +237,9 @@ async def _failed_replay(args: argparse.Namespace, settings: Settings) -> int:
         async with FailedQueue(settings).open() as queue:
             everything = await queue.fetch_all()
             chosen = [p for p in everything if selected(p)]
+            picked = {id(p) for p in chosen}
             for parked in everything:
-                if parked not in chosen:
+                if id(parked) not in picked:
                     await queue.release(parked)
             if args.dry_run:
                 print(f"would replay {len(chosen)} of {len(everything)} parked messages")
@@ -285,8 +286,9 @@ async def _failed_purge(args: argparse.Namespace, settings: Settings) -> int:
     async with FailedQueue(settings).open() as queue:
         everything = await queue.fetch_all()
         chosen = [p for p in everything if selected(p)]
+        picked = {id(p) for p in chosen}
         for parked in everything:
-            if parked not in chosen:
+            if id(parked) not in picked:
                 await queue.release(parked)
         if not chosen:
             print("nothing to purge")

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import re
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -90,7 +90,7 @@ def _peek(body: bytes, headers: dict[str, Any]) -> tuple[str, str | None]:
     return kind, None if repo is None else str(repo)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two parked copies may look alike
 class Parked:
     """One message held from the failed queue, and what its headers say about the park."""
 
@@ -164,7 +164,7 @@ class FailedQueue:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._held: list[Parked] = []
+        self._held: dict[int, Parked] = {}  # by id(): settled ones leave in O(1)
 
     @contextlib.asynccontextmanager
     async def open(self) -> AsyncIterator[FailedQueue]:
@@ -186,23 +186,24 @@ class FailedQueue:
         while True:
             message = await self._queue.get(no_ack=False, fail=False, timeout=GET_TIMEOUT)
             if message is None:
-                return list(self._held)
-            self._held.append(Parked.of(message))
+                return list(self._held.values())
+            parked = Parked.of(message)
+            self._held[id(parked)] = parked
 
     async def release(self, parked: Parked) -> None:
         """Hand a message back to the queue untouched."""
         await parked.message.nack(requeue=True)
-        self._held.remove(parked)
+        del self._held[id(parked)]
 
     async def release_all(self) -> None:
-        for parked in list(self._held):
+        for parked in list(self._held.values()):
             with contextlib.suppress(Exception):  # a closed channel requeues them by itself
                 await self.release(parked)
         self._held.clear()
 
     async def drop(self, parked: Parked) -> None:
         await parked.message.ack()
-        self._held.remove(parked)
+        del self._held[id(parked)]
 
     async def republish(self, parked: Parked) -> None:
         """Publish the original request to the training queue and wait for the confirm."""
@@ -242,6 +243,3 @@ class FailedQueue:
             raise ReplayError(
                 f"the training queue did not take request {parked.request_id}: {exc}"
             ) from None
-
-
-Report = Callable[[str], None]
