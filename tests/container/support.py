@@ -93,6 +93,7 @@ STANDINS = ROOT / "tests" / "container" / "standins"
 COMPOSE_IMAGES = {
     "rabbitmq": "localhost/rabbitmq:3.13-management",
     "postgres": "localhost/postgres:16",
+    "prometheus": "localhost/prom/prometheus:v2.53.0",
 }
 COMPOSE_DEPLOYFLAG_IMAGE = "localhost/deployflag:local"
 

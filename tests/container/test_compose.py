@@ -1,5 +1,6 @@
 """docker/compose.yaml really comes up: podman-compose with locally built stand-ins for the
-RabbitMQ and PostgreSQL images, to a reply to a request, and down again.
+RabbitMQ, PostgreSQL and Prometheus images, to a reply to a request and a scrape by the
+monitoring profile's Prometheus, and down again.
 
 podman-compose (on podman 4.3) ignores `condition: service_healthy` and stumbles over a
 dependency on a finished one-shot container, so the services are started in compose's order
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import orjson
 import pytest
 
 from tests.container.support import build_compose_images, logs, podman, wait_healthy
-from tests.support.broker import free_port
+from tests.support.broker import free_port, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 
@@ -35,10 +38,12 @@ class Compose:
             **os.environ,
             "DEPLOYFLAG_PORT": str(free_port()),
             "RABBITMQ_UI_PORT": str(free_port()),
+            "PROMETHEUS_PORT": str(free_port()),
         }
 
     def __call__(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "podman_compose", "-f", str(COMPOSE), "-p", self.project]
+        command = [sys.executable, "-m", "podman_compose", "-f", str(COMPOSE), "-p", self.project,
+                   "--profile", "monitoring"]  # fmt: skip
         done = subprocess.run(
             [*command, *args],
             env=self.env,
@@ -75,9 +80,19 @@ def compose(compose_images: None) -> Iterator[Compose]:
     finally:
         subprocess.run(
             [sys.executable, "-m", "podman_compose", "-f", str(COMPOSE), "-p", project,
-             "down", "-v"],
+             "--profile", "monitoring", "down", "-v"],
             env=stack.env, capture_output=True, timeout=300, check=False,
         )  # fmt: skip
+
+
+def prometheus_value(api: str, expr: str) -> str | None:
+    url = f"{api}/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            result = orjson.loads(response.read())["data"]["result"]
+    except OSError:
+        return None
+    return str(result[0]["value"][1]) if result else None
 
 
 def test_compose_comes_up_answers_a_request_and_goes_down(compose: Compose) -> None:
@@ -105,6 +120,17 @@ def test_compose_comes_up_answers_a_request_and_goes_down(compose: Compose) -> N
     assert [r["scores"][0]["issue_weight"] for r in replies] == [41], done.stdout
     # And the service's user is not root
     assert podman("exec", service, "id", "-u").stdout.strip() == "10001"
+    # When the monitoring profile's Prometheus starts, it scrapes the service by its compose name
+    compose("up", "-d", "--no-build", "--no-deps", "prometheus")
+    api = f"http://127.0.0.1:{compose.env['PROMETHEUS_PORT']}/api/v1"
+    wait_until(
+        lambda: prometheus_value(api, 'deployflag_consumer_ready{job="deployflag"}') == "1",
+        120,
+        "Prometheus in the stack to scrape deployflag",
+        every=1.0,
+    )
+    rules = orjson.loads(urllib.request.urlopen(f"{api}/rules", timeout=5).read())
+    assert len([r for g in rules["data"]["groups"] for r in g["rules"]]) == 9  # alerts.yml
     # When the stack goes down, nothing of it is left
     compose("down", "-v", timeout=300)
     assert compose.containers() == []
