@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install services run test test-unit test-faults faults-report lint format bench bench-pipeline bench-service docs clean
+.PHONY: install services run test test-unit test-faults test-container faults-report lint format bench bench-pipeline bench-service docs clean
 
 install: $(STAMP)  ## virtualenv with the package and its dev tools
 $(STAMP): pyproject.toml
@@ -29,6 +29,11 @@ test-unit: install  ## pure tests only: no services needed
 test-faults: install  ## the slow fault-injection scenarios
 	scripts/services.sh test-deps
 	DEPLOYFLAG_FAULTS_REPORT=1 $(PY) -m pytest -m faults tests/faults
+
+test-container: install  ## build and run the image with podman (base image bootstrapped, cached)
+	scripts/services.sh test-deps
+	scripts/services.sh containers
+	$(PY) -m pytest -m container tests/container
 
 faults-report: test-faults  ## the fault table, from the last fault run
 	cat benchmarks/results/faults.md

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install (Debian packages) and start what deployflag and its tests need, on 127.0.0.1 only.
 #   scripts/services.sh rabbitmq   RabbitMQ for `make run` and the tests (idempotent)
-#   scripts/services.sh test-deps  RabbitMQ + PostgreSQL server binaries + systemd-analyze
+#   scripts/services.sh test-deps  RabbitMQ + PostgreSQL server binaries + systemd-analyze +
+#                                  Prometheus (server and promtool, never started as a service)
+#   scripts/services.sh containers podman (runc), debootstrap, podman-compose: the container test
 # The tests start their own throwaway PostgreSQL cluster; they only need the binaries.
 set -euo pipefail
 
@@ -51,10 +53,33 @@ test_deps() {
   fi
   command -v systemd-analyze >/dev/null || { echo "systemd-analyze: installing"; apt_install systemd; }
   command -v sqlite3 >/dev/null || apt_install sqlite3
+  # promtool checks and unit-tests the shipped alert rules; the server is scraped by a test.
+  command -v promtool >/dev/null || { echo "prometheus: installing"; apt_install prometheus; }
+}
+
+containers() {
+  # podman with runc (crun cannot run with this kernel's hybrid cgroups), debootstrap for a base
+  # image built locally (no registry is needed), podman-compose from PyPI into the virtualenv.
+  command -v podman >/dev/null || { echo "podman: installing"; apt_install podman runc; }
+  command -v runc >/dev/null || apt_install runc
+  command -v debootstrap >/dev/null || { echo "debootstrap: installing"; apt_install debootstrap; }
+  # Name resolution between compose services on podman's CNI networks.
+  [ -x /usr/lib/cni/dnsname ] || apt_install golang-github-containernetworking-plugin-dnsname
+  # compose's `init: true` runs podman's init (catatonit) as PID 1.
+  [ -x /usr/libexec/podman/catatonit ] || apt_install catatonit
+  local conf=/etc/containers/containers.conf
+  if ! grep -qs '^runtime *= *"runc"' "$conf"; then
+    # podman's default ulimits exceed the hard limits of these machines (setrlimit fails).
+    as_root mkdir -p /etc/containers
+    printf '[containers]\ndefault_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]\n\n[engine]\nruntime = "runc"\n' |
+      as_root tee "$conf" >/dev/null
+  fi
+  [ -x .venv/bin/podman-compose ] || [ ! -x .venv/bin/pip ] || .venv/bin/pip install -q 'podman-compose>=1.0,<2'
 }
 
 case "${1:-}" in
   rabbitmq) rabbitmq ;;
   test-deps) test_deps ;;
-  *) echo "usage: $0 rabbitmq|test-deps" >&2; exit 2 ;;
+  containers) containers ;;
+  *) echo "usage: $0 rabbitmq|test-deps|containers" >&2; exit 2 ;;
 esac

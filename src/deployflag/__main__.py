@@ -1,4 +1,5 @@
-"""The command line: serve · run · backtest · submit · migrate · healthcheck · generate.
+"""The command line: serve · run · backtest · submit · migrate · healthcheck · generate ·
+requests · failed.
 
 Errors are one line on stderr with a named exit code (deployflag.exitcodes), never a traceback.
 """
@@ -65,6 +66,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     )
     if args.store:
         asyncio.run(_store_result(settings, result))
+    if args.format == "table":
+        from deployflag.texttable import result_table
+
+        print(result_table(result))
+        return exitcodes.RET_OK
     option = 0 if args.compact else orjson.OPT_INDENT_2
     sys.stdout.buffer.write(orjson.dumps(result.model_dump(mode="json"), option=option) + b"\n")
     return exitcodes.RET_OK
@@ -164,7 +170,8 @@ def cmd_generate(args: argparse.Namespace, settings: Settings) -> int:
 
 # --- parser -----------------------------------------------------------------------------------
 
-EPILOG = """exit codes: 0 ok · 1 failed (healthcheck: not ready) · 2 usage · 65 invalid payload ·
+EPILOG = """exit codes: 0 ok · 1 failed (healthcheck: not ready) · 2 usage · 4 not found ·
+65 invalid payload ·
 66 unreadable input · 69 broker unavailable · 70 internal error · 75 database unavailable ·
 78 configuration error. Settings: DEPLOYFLAG_* variables and .env (see docs/settings.md)."""
 
@@ -190,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action="store_true", help="also record the run in the database")
     p.add_argument("--request-id", help="request id to record (default: SHA-256 of the body)")
     p.add_argument("--compact", action="store_true", help="one line of JSON")
+    p.add_argument(
+        "--format",
+        choices=["json", "table"],
+        default="json",
+        help="json (default, for scripts) or an aligned table sorted by weight, for people",
+    )
 
     p = add("submit", cmd_submit, "Publish a request as the upstream would.")
     p.add_argument("payload", help="request JSON file, or - for standard input")
@@ -220,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--never-fixed", action="store_true", help="no fix ever: no model trains")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
+
+    from deployflag import cli_ops
+
+    cli_ops.register(add)  # requests show · failed list | replay | purge
     return parser
 
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from deployflag.pipeline.backtest import BacktestReport
+from deployflag.texttable import render
 
 COLUMNS = ("scoring", "recency", "blend", "half-life", "Spearman", "top third", "model AUC")
 
 
-def _cell(value: object, spec: str = "") -> str:
-    if value is None:
-        return "-"
-    return format(value, spec) if isinstance(value, float) else str(value)
+def _short(value: float | None) -> str | None:
+    """0.2 and 60 rather than 0.2000 and 60.0000."""
+    return None if value is None else f"{value:g}"
 
 
 def render_table(report: BacktestReport) -> str:
@@ -18,20 +18,14 @@ def render_table(report: BacktestReport) -> str:
         (
             c.scoring,
             c.recency,
-            c.model_weight,
-            c.half_life_days if c.scoring == "forecast" else None,
+            _short(c.model_weight),
+            _short(c.half_life_days),
             c.spearman,
             c.top_third_share,
             c.roc_auc,
         )
         for c in report.candidates
     ]
-    specs = ("", "", "g", "g", ".3f", ".3f", ".3f")
-    cells = [
-        COLUMNS,
-        *[tuple(_cell(v, f) for v, f in zip(row, specs, strict=True)) for row in rows],
-    ]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     lines = [
         f"backtest of repository {report.repo_id}: cut at {report.cut:%Y-%m-%d %H:%M} UTC "
         "(80 % of the time span)",
@@ -42,9 +36,5 @@ def render_table(report: BacktestReport) -> str:
         "top third: share of the later fixes in the top-weighted third",
         "",
     ]
-    for i, row in enumerate(cells):
-        lines.append("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines += ["", f"verdict: {report.verdict}"]
+    lines += [render(COLUMNS, rows), "", f"verdict: {report.verdict}"]
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 RET_OK = 0  # clean exit, including a drained shutdown on SIGTERM
 RET_ERROR = 1  # a command failed in a way not listed below (e.g. healthcheck: not ready)
 RET_USAGE = 2  # wrong command-line arguments (argparse)
+RET_NOT_FOUND = 4  # `requests show`: the database knows no such request
 RET_INVALID_INPUT = 65  # EX_DATAERR: the payload given to `run` is invalid
 RET_NO_INPUT = 66  # EX_NOINPUT: the payload file cannot be read
 RET_BROKER = 69  # EX_UNAVAILABLE: the broker cannot be reached, or was lost for good

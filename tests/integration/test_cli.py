@@ -48,7 +48,8 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    "command", ["", "serve", "run", "submit", "migrate", "healthcheck", "generate"]
+    "command",
+    ["", "serve", "run", "submit", "migrate", "healthcheck", "generate", "requests", "failed"],
 )
 def test_help(command: str) -> None:
     done = deployflag(*([command] if command else []), "--help")
@@ -246,3 +247,13 @@ def test_migrate_on_postgresql_then_serve_without_auto_migrate(
     assert deployflag("run", "--store", str(WORKED), env=env).returncode == 0
     table = postgres.psql("SELECT count(*) FROM model_performance_metadata", database="cli_migrate")
     assert table.split()[:3] == ["count", "-------", "1"]
+
+
+def test_run_format_table_is_aligned_and_names_the_model() -> None:
+    done = deployflag("run", str(WORKED), "--format", "table")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.decode().splitlines()
+    heading = next(i for i, line in enumerate(lines) if line.startswith("shortcode"))
+    assert lines[heading].split()[:2] == ["shortcode", "weight"]
+    assert lines[heading + 2].split()[:2] == ["PYL-W0611", "41"]
+    assert any(line.startswith("model: ") for line in lines[heading + 3 :])

@@ -28,6 +28,7 @@ TABLES = {
     "grid_search_parameter",
     "model_performance_metadata",
     "training_request",
+    "training_request_park",
 }
 
 
@@ -42,8 +43,8 @@ async def table_names(database: Database) -> set[str]:
 
 
 async def test_head_is_the_latest_revision() -> None:
-    assert migrate.head() == "0002"
-    assert migrate.known_revisions() == {"0001", "0002"}
+    assert migrate.head() == "0004"
+    assert migrate.known_revisions() == {"0001", "0002", "0004"}
     assert (migrate.migrations_dir() / "env.py").is_file()
 
 
@@ -187,7 +188,7 @@ async def test_a_failed_migration_changes_nothing(database: Database, tmp_path: 
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
     head = migrate.head()
-    (scripts / "versions" / "9999_broken.py").write_text(BROKEN_REVISION.replace("{head}", head))
+    (scripts / "versions" / "9999_broken.py").write_text(BROKEN_REVISION.format(head=head))
     settings = database.settings(migrations_dir=scripts)
     await migrate.upgrade(settings, head)
 

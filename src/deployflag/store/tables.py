@@ -163,3 +163,24 @@ class TrainingRequest(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class RequestPark(Base):
+    """One row per time a request was parked and then replayed from the failed queue.
+
+    A replay moves the request back to ``pending`` and clears its reason and error, so the park
+    is copied here first; the row also records whether the republished copy was confirmed, so a
+    replay interrupted after the confirm does not publish the request a second time.
+    """
+
+    __tablename__ = "training_request_park"
+    __table_args__ = (UniqueConstraint("request_id", "parked_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    repo_id: Mapped[str | None] = mapped_column(String(ID_LENGTH))
+    reason: Mapped[str | None] = mapped_column(String(REASON_LENGTH))
+    error: Mapped[str | None] = mapped_column(Text)
+    parked_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    replay_count: Mapped[int] = mapped_column(Integer)
+    replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
