@@ -117,7 +117,7 @@ def test_compose_comes_up_answers_a_request_and_goes_down(compose: Compose) -> N
     )  # fmt: skip
     assert done.returncode == 0, done.stderr.decode() + logs(service)
     replies = [orjson.loads(line) for line in done.stdout.splitlines() if line.startswith(b"{")]
-    assert [r["scores"][0]["issue_weight"] for r in replies] == [41], done.stdout
+    assert [r["scores"][0]["issue_weight"] for r in replies] == [95], done.stdout
     # And the service's user is not root
     assert podman("exec", service, "id", "-u").stdout.strip() == "10001"
     # When the monitoring profile's Prometheus starts, it scrapes the service by its compose name

@@ -62,7 +62,9 @@ async def test_container_is_healthy_answers_and_drains_on_sigterm(
     await upstream.publish(WORKED, message_id="container-1")
     [reply] = await upstream.drain("save_result", 1, timeout=120)
     assert reply.correlation_id == "container-1"
-    assert orjson.loads(reply.body)["scores"][0]["issue_weight"] == 41
+    assert (
+        orjson.loads(reply.body)["scores"][0]["issue_weight"] == 95
+    )  # the worked example, forecast scoring
     # When requests are queued and the container gets SIGTERM
     ids = [f"drain-{i}" for i in range(4)]
     for rid in ids:

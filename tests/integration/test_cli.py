@@ -255,5 +255,5 @@ def test_run_format_table_is_aligned_and_names_the_model() -> None:
     lines = done.stdout.decode().splitlines()
     heading = next(i for i, line in enumerate(lines) if line.startswith("shortcode"))
     assert lines[heading].split()[:2] == ["shortcode", "weight"]
-    assert lines[heading + 2].split()[:2] == ["PYL-W0611", "41"]
+    assert lines[heading + 2].split()[:2] == ["PYL-W0611", "95"]
     assert any(line.startswith("model: ") for line in lines[heading + 3 :])
