@@ -16,12 +16,12 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from deployflag import __version__, logs, sentry, systemd
+from deployflag import __version__, logs, sentry, systemd, tls
 from deployflag.broker import topology
 from deployflag.broker.connection import connect
 from deployflag.broker.publisher import Publisher
 from deployflag.errors import FatalError, TransientError
-from deployflag.exitcodes import RET_BROKER, RET_DATABASE, RET_OK
+from deployflag.exitcodes import RET_BROKER, RET_CONFIG, RET_DATABASE, RET_OK
 from deployflag.handler import MessageHandler
 from deployflag.health import Health, monitor_loop
 from deployflag.http import start_http, stop_http
@@ -112,9 +112,11 @@ class Service:
         error: Exception
         while True:
             try:
-                return await connect(self.settings)
+                return await self._connect_once()
             except (OSError, ConnectionError, TimeoutError) as exc:
                 error = exc
+            except FatalError:
+                raise
             except Exception as exc:  # aio-pika wraps auth errors etc. in its own types
                 if "ACCESS_REFUSED" in str(exc) or "authentication" in str(exc).lower():
                     raise FatalError(
@@ -133,6 +135,20 @@ class Service:
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0)
+
+    async def _connect_once(self) -> AbstractRobustConnection:
+        try:
+            return await connect(self.settings)
+        except Exception as exc:
+            failure = tls.tls_failure(exc)
+            if failure is None:
+                raise
+            # Retrying cannot make a certificate valid: stop with a configuration error.
+            raise FatalError(
+                f"broker TLS at {redact(self.settings.broker_url)}: {failure} "
+                "(check DEPLOYFLAG_AMQP_CA_FILE and the URL's host name)",
+                RET_CONFIG,
+            ) from None
 
     async def _dispatch(self, message: AbstractIncomingMessage) -> None:
         # Our own task per delivery (the prefetch window bounds how many exist), not aiormq's:
