@@ -117,13 +117,7 @@ class Service:
                 error = exc
             except FatalError:
                 raise
-            except Exception as exc:  # aio-pika wraps auth errors etc. in its own types
-                if "ACCESS_REFUSED" in str(exc) or "authentication" in str(exc).lower():
-                    raise FatalError(
-                        f"broker refused the credentials of "
-                        f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
-                        78,
-                    ) from None
+            except Exception as exc:  # aio-pika wraps errors in its own types
                 error = exc
             if waited >= self.settings.broker_connect_timeout or self.stopping.is_set():
                 raise FatalError(
@@ -140,6 +134,13 @@ class Service:
         try:
             return await connect(self.settings)
         except Exception as exc:
+            # aiormq's refusal is a ConnectionError: look at it before anything is retried.
+            if "ACCESS_REFUSED" in str(exc) or "authentication" in str(exc).lower():
+                raise FatalError(
+                    f"broker refused the credentials of "
+                    f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
+                    RET_CONFIG,
+                ) from None
             failure = tls.tls_failure(exc)
             if failure is None:
                 raise

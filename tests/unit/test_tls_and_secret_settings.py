@@ -235,3 +235,28 @@ def test_a_bad_url_in_a_secret_file_is_reported_without_its_password(
 def test_a_secrets_dir_that_is_not_a_directory_is_a_configuration_error(tmp_path: Path) -> None:
     message = config_error(DEPLOYFLAG_SECRETS_DIR=str(tmp_path / "missing"))
     assert "DEPLOYFLAG_SECRETS_DIR" in message
+
+
+# --- the deployment files use them ---------------------------------------------------------
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+
+
+def test_the_systemd_unit_loads_credentials_named_as_the_variables() -> None:
+    unit = (DOCKER / "deployflag.service").read_text(encoding="utf-8")
+    assert "\nLoadCredential=DEPLOYFLAG:/etc/deployflag/credentials\n" in unit
+
+
+def test_compose_gives_the_database_password_as_a_secret_file() -> None:
+    import yaml
+
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text(encoding="utf-8"))
+    service = compose["services"]["deployflag"]
+    assert {"source": "database_password", "target": "DEPLOYFLAG_DATABASE_PASSWORD"} in service[
+        "secrets"
+    ]
+    url = service["environment"]["DEPLOYFLAG_DATABASE_URL"]
+    assert ":${POSTGRES_PASSWORD" not in url  # no password in the environment any more
+    postgres = compose["services"]["postgres"]
+    assert postgres["environment"]["POSTGRES_PASSWORD_FILE"] == "/run/secrets/database_password"
+    assert (DOCKER / compose["secrets"]["database_password"]["file"]).is_file()
