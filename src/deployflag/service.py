@@ -18,6 +18,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 
 from deployflag import __version__, logs, sentry, systemd, tls
 from deployflag.broker import topology
+from deployflag.broker.blocking import watch_blocked
 from deployflag.broker.connection import connect
 from deployflag.broker.publisher import Publisher
 from deployflag.errors import FatalError, TransientError
@@ -84,6 +85,9 @@ class Service:
         self._handler = handler
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
+        self._background.append(
+            asyncio.create_task(watch_blocked(self._connection, self.health, self.metrics))
+        )
         self._consumer_tag = await self._queue.consume(self._dispatch)
         self._set_consuming(True)
         systemd.notify("READY=1\nSTATUS=consuming " + s.training_queue)
