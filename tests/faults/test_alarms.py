@@ -101,6 +101,7 @@ async def test_a_30_second_resource_alarm_with_requests_in_flight(
             )
         )
     assert 0 <= held_max <= PREFETCH, "no more work than the prefetch piled up"
+    print(row)  # shown with -rA; the table is written by make test-faults
     assert row.lost == 0
     assert row.duplicates == 0
     assert (row.sent, row.replies, row.rows, row.parked) == (REQUESTS, REQUESTS, REQUESTS, 0)
