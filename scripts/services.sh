@@ -51,6 +51,8 @@ test_deps() {
   fi
   command -v systemd-analyze >/dev/null || { echo "systemd-analyze: installing"; apt_install systemd; }
   command -v sqlite3 >/dev/null || apt_install sqlite3
+  # The disk fault scenarios mount a small tmpfs (util-linux's mount, in Debian's "mount").
+  command -v mount >/dev/null || apt_install mount
 }
 
 case "${1:-}" in
