@@ -119,7 +119,8 @@ async def test_a_backlog_of_5000_then_one_instance_starts(
     strict=True,
     reason="parking costs more than a good request (a SQLite audit-row commit and a confirmed "
     "publish per message, ~270 ms median under load, in FIFO order with the good ones): a flood "
-    "of bad messages queues the good ones behind it (ratio 64 in the fault run, 280-370 on 2 loaded cores)",
+    "of bad messages queues the good ones behind it (ratio 64 in the fault run, 280-370 on 2 "
+    "loaded cores)",
 )
 async def test_bad_messages_do_not_starve_good_ones(
     start_service: Callable[..., ServiceProcess],
