@@ -55,6 +55,8 @@ test_deps() {
   command -v sqlite3 >/dev/null || apt_install sqlite3
   # promtool checks and unit-tests the shipped alert rules; the server is scraped by a test.
   command -v promtool >/dev/null || { echo "prometheus: installing"; apt_install prometheus; }
+  # The disk fault scenarios mount a small tmpfs (util-linux's mount, in Debian's "mount").
+  command -v mount >/dev/null || apt_install mount
 }
 
 containers() {

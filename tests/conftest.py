@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.postgres",
     "tests.support.broker",
     "tests.support.payloads",
+    "tests.support.tls",
 ]

@@ -14,7 +14,7 @@ handler that would say "stalled" never runs. So liveness rests on two facts inst
   one monitor interval later, sees a healthy loop again.
 
 Readiness is the conjunction of the parts the service sets: consumer attached, database answered,
-worker pool alive, and not draining.
+worker pool alive, not draining, and the broker not blocking us (a resource alarm).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Health:
     database_ok: bool = False
     pool_alive: bool = False
     draining: bool = False
+    broker_blocked: bool = False  # a resource alarm on the broker: nothing can be published
     stall_seconds: float = 10.0
     last_tick: float = field(default_factory=time.monotonic)
     last_lag: float = 0.0
@@ -93,9 +94,19 @@ class Health:
             "database": self.database_ok,
             "pool": self.pool_alive,
             "draining": self.draining,
+            "broker_blocked": self.broker_blocked,
         }
-        ready = self.consumer_ready and self.database_ok and self.pool_alive and not self.draining
-        return ready, {"ready": ready, "checks": checks}
+        ready = (
+            self.consumer_ready
+            and self.database_ok
+            and self.pool_alive
+            and not self.draining
+            and not self.broker_blocked
+        )
+        body: dict[str, Any] = {"ready": ready, "checks": checks}
+        if self.broker_blocked:
+            body["reason"] = "broker blocked"
+        return ready, body
 
 
 def mark_database(

@@ -182,6 +182,8 @@ class Decoded(BaseModel):
 
 def _normalise_id(raw: Any, what: str) -> str | None:
     """A task or message id as text; accepts kombu's JSON form of a ``uuid.UUID``."""
+    if isinstance(raw, bytes):  # before the emptiness check: b"" is no id either
+        raw = raw.decode("utf-8", "replace")
     if raw is None or raw == "":
         return None
     if isinstance(raw, Mapping) and raw.get("__type__") == "uuid":
@@ -191,8 +193,6 @@ def _normalise_id(raw: Any, what: str) -> str | None:
             return str(uuid.UUID(hex=str(hex_)))
         except ValueError:
             raise InvalidRequest("bad_request_id", f"{what} is not a valid uuid") from None
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
     if isinstance(raw, str | int) and not isinstance(raw, bool):
         text = str(raw)
         if len(text) > MAX_ID_LENGTH:

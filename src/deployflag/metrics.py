@@ -121,6 +121,11 @@ class Metrics:
             "1 while the metadata database answered its last check.",
             registry=registry,
         )
+        self.broker_blocked = Gauge(
+            "deployflag_broker_blocked",
+            "1 while the broker blocks this connection (memory or disk alarm): replies wait.",
+            registry=registry,
+        )
         self.info = Info("deployflag", "Build information.", registry=registry)
         self.info.info({"version": package_version()})
 

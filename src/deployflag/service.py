@@ -17,8 +17,9 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from deployflag import __version__, logs, sentry, systemd
+from deployflag import __version__, logs, sentry, systemd, tls
 from deployflag.broker import topology
+from deployflag.broker.blocking import watch_blocked
 from deployflag.broker.connection import connect
 from deployflag.broker.publisher import Publisher
 from deployflag.errors import FatalError, TransientError
@@ -93,6 +94,9 @@ class Service:
         self._handler = handler
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
+        self._background.append(
+            asyncio.create_task(watch_blocked(self._connection, self.health, self.metrics))
+        )
         self._consumer_tag = await self._queue.consume(self._dispatch)
         self._set_consuming(True)
         systemd.notify("READY=1\nSTATUS=consuming " + s.training_queue)
@@ -127,16 +131,12 @@ class Service:
         error: Exception
         while True:
             try:
-                return await connect(self.settings)
+                return await self._connect_once()
             except (OSError, ConnectionError, TimeoutError) as exc:
                 error = exc
-            except Exception as exc:  # aio-pika wraps auth errors etc. in its own types
-                if "ACCESS_REFUSED" in str(exc) or "authentication" in str(exc).lower():
-                    raise FatalError(
-                        f"broker refused the credentials of "
-                        f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
-                        RET_CONFIG,
-                    ) from None
+            except FatalError:
+                raise
+            except Exception as exc:  # aio-pika wraps errors in its own types
                 error = exc
             if waited >= self.settings.broker_connect_timeout or self.stopping.is_set():
                 raise FatalError(
@@ -148,6 +148,27 @@ class Service:
             await asyncio.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0)
+
+    async def _connect_once(self) -> AbstractRobustConnection:
+        try:
+            return await connect(self.settings)
+        except Exception as exc:
+            # aiormq's refusal is a ConnectionError: look at it before anything is retried.
+            if "ACCESS_REFUSED" in str(exc) or "authentication" in str(exc).lower():
+                raise FatalError(
+                    f"broker refused the credentials of "
+                    f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
+                    RET_CONFIG,
+                ) from None
+            failure = tls.tls_failure(exc)
+            if failure is None:
+                raise
+            # Retrying cannot make a certificate valid: stop with a configuration error.
+            raise FatalError(
+                f"broker TLS at {redact(self.settings.broker_url)}: {failure} "
+                "(check DEPLOYFLAG_AMQP_CA_FILE and the URL's host name)",
+                RET_CONFIG,
+            ) from None
 
     async def _dispatch(self, message: AbstractIncomingMessage) -> None:
         # Our own task per delivery (the prefetch window bounds how many exist), not aiormq's:

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from deployflag import tls_settings
 from deployflag.pipeline.config import (
     DEFAULT_PARAM_GRID,
     ModelSpec,
@@ -236,6 +237,45 @@ class Settings(BaseSettings):
         description="Report errors to Sentry (needs the sentry extra).",
     )
 
+    # --- TLS and secrets --------------------------------------------------------------------
+    amqp_ca_file: Path | None = Field(
+        None,
+        description="amqps://: CA bundle the broker's certificate must chain to (default: the "
+        "system's). The host name is always checked.",
+    )
+    amqp_cert_file: Path | None = Field(
+        None, description="amqps://: client certificate (PEM; may hold the key too)."
+    )
+    amqp_key_file: Path | None = Field(None, description="amqps://: client certificate's key.")
+    amqp_auth: Literal["plain", "external"] = Field(
+        "plain",
+        description="plain (user and password) or external (the client certificate; needs "
+        "amqps:// and DEPLOYFLAG_AMQP_CERT_FILE).",
+    )
+    amqp_password: SecretStr | None = Field(
+        None, description="Replaces the password in DEPLOYFLAG_AMQP_URL (for a secret file)."
+    )
+    database_sslmode: Literal["disable", "require", "verify-ca", "verify-full"] | None = Field(
+        None,
+        description="PostgreSQL TLS, as libpq: require encrypts, verify-ca checks the chain, "
+        "verify-full the host name too (unset: the driver's default, which may fall back to "
+        "clear).",
+    )
+    database_sslrootcert: Path | None = Field(
+        None,
+        description="PostgreSQL: CA bundle for verify-ca/verify-full (default: the system's).",
+    )
+    database_sslcert: Path | None = Field(None, description="PostgreSQL: client certificate.")
+    database_sslkey: Path | None = Field(None, description="PostgreSQL: client certificate's key.")
+    database_password: SecretStr | None = Field(
+        None, description="Replaces the password in the database URL (for a secret file)."
+    )
+    secrets_dir: Path | None = Field(
+        None,
+        description="Directory of secret files, one per setting, named as its variable (default: "
+        "$CREDENTIALS_DIRECTORY and /run/secrets, where they exist). Variables win over files.",
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: Any) -> Any:
@@ -286,6 +326,35 @@ class Settings(BaseSettings):
         except ValueError as exc:
             raise ValueError(f"{variable}: {exc}") from None
         object.__setattr__(self, "database_url", SecretStr(normalised))
+        return self
+
+    @model_validator(mode="after")
+    def _tls_and_secrets(self) -> Settings:
+        # After _derive: the database URL is normalised by now.
+        amqp = self.amqp_url.get_secret_value()
+        tls_settings.check_amqp_url(amqp)
+        if self.amqp_password is not None:
+            amqp = tls_settings.with_amqp_password(amqp, self.amqp_password.get_secret_value())
+            object.__setattr__(self, "amqp_url", SecretStr(amqp))
+        tls_settings.check_amqp_tls(
+            amqp, self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file, self.amqp_auth
+        )
+        database = self.db_url
+        if self.database_password is not None:
+            parsed = make_url(database)
+            if parsed.get_backend_name() == "sqlite":
+                raise ValueError("DEPLOYFLAG_DATABASE_PASSWORD applies to PostgreSQL only")
+            database = parsed.set(
+                password=self.database_password.get_secret_value()
+            ).render_as_string(hide_password=False)
+            object.__setattr__(self, "database_url", SecretStr(database))
+        tls_settings.check_database_tls(
+            database,
+            self.database_sslmode,
+            self.database_sslrootcert,
+            self.database_sslcert,
+            self.database_sslkey,
+        )
         return self
 
     def _legacy_db_url(self) -> str:
@@ -348,6 +417,8 @@ class Settings(BaseSettings):
             "job_time_limit": self.job_time_limit,
             "max_attempts": self.max_attempts,
             "scoring": self.scoring,
+            "amqp_tls": self.broker_url.startswith("amqps://"),
+            "database_sslmode": self.database_sslmode,
         }
 
 
@@ -367,6 +438,12 @@ def env_name(field: str) -> str:
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings, turning validation errors into one :class:`ConfigError` line."""
     try:
+        secrets = tls_settings.secrets_dirs(os.environ)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        if secrets and "_secrets_dir" not in overrides:
+            overrides["_secrets_dir"] = secrets
         return Settings(**overrides)
     except ValidationError as exc:
         problems = []

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import wait_until
+from tests.support.toolkit import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_IMAGE = "localhost/debian-python:bookworm"

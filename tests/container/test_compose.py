@@ -22,7 +22,7 @@ import orjson
 import pytest
 
 from tests.container.support import build_compose_images, logs, podman, wait_healthy
-from tests.support.broker import free_port, wait_until
+from tests.support.toolkit import free_port, wait_until
 
 pytestmark = [pytest.mark.container, pytest.mark.timeout(1800)]
 

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from tests.container.support import build_image, logs, podman, remove, wait_healthy
-from tests.support.broker import Names, Upstream, free_port
+from tests.support.broker import Names, Upstream
+from tests.support.toolkit import free_port
 
 pytestmark = [pytest.mark.container, pytest.mark.rabbitmq, pytest.mark.timeout(1200)]
 

@@ -101,6 +101,11 @@ class FaultTable:
     def __init__(self, rows: list[FaultRow]) -> None:
         self._rows = rows
 
+    def add(self, row: FaultRow) -> FaultRow:
+        """Add a row that its scenario checks itself (with figures beyond the counts)."""
+        self._rows.append(row)
+        return row
+
     async def record(
         self,
         tally: Tally,

@@ -40,8 +40,12 @@ class BrokerNode:
 
     host = "127.0.0.1"
 
-    def __init__(self, *, private: bool = True) -> None:
+    def __init__(
+        self, *, private: bool = True, config: str = "", plugins: tuple[str, ...] = ()
+    ) -> None:
         self.private = private
+        self.config = config  # extra rabbitmq.conf lines (a private node only)
+        self.plugins = plugins
         self.port = free_port() if private else 5672
         self.dist_port = free_port() if private else 0
         self.name = f"deployflag-faults-{uuid.uuid4().hex[:6]}@localhost" if private else ""
@@ -105,10 +109,11 @@ class BrokerNode:
         if not (RABBIT_BIN / "rabbitmq-server").is_file():
             raise BrokerError("rabbitmq-server not installed: run `scripts/services.sh test-deps`")
         self.base = Path(tempfile.mkdtemp(prefix="deployflag-rabbit-", dir="/tmp"))
-        (self.base / "enabled_plugins").write_text("[].\n")
+        (self.base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
+        (self.base / "rabbitmq.conf").write_text(self.config + "\n")
         if os.geteuid() == 0:
             owner = pwd.getpwnam("rabbitmq")
-            for path in (self.base, self.base / "enabled_plugins"):
+            for path in (self.base, self.base / "enabled_plugins", self.base / "rabbitmq.conf"):
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         env = {
             **os.environ,

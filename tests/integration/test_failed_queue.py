@@ -25,7 +25,8 @@ import pytest
 from deployflag import exitcodes
 from deployflag.submit import celery_message
 from tests.integration.test_cli import deployflag, one_line_error
-from tests.support.broker import ServiceProcess, Upstream, async_wait_until, rabbitmqctl
+from tests.support.broker import ServiceProcess, Upstream
+from tests.support.toolkit import async_wait_until, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 

@@ -85,7 +85,13 @@ async def test_readyz_names_what_is_not_ready(
         assert response.status == 503
         assert await response.json() == {
             "ready": False,
-            "checks": {"consumer": False, "database": False, "pool": False, "draining": False},
+            "checks": {
+                "consumer": False,
+                "database": False,
+                "pool": False,
+                "draining": False,
+                "broker_blocked": False,
+            },
         }
 
     make_ready(endpoint.health)

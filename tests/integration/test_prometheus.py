@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.broker import ServiceProcess, Upstream, free_port, wait_until
+from tests.support.broker import ServiceProcess, Upstream
+from tests.support.toolkit import free_port, wait_until
 from tests.unit.test_monitoring_files import PROMETHEUS, dashboard_queries
 
 pytestmark = pytest.mark.rabbitmq

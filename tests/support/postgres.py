@@ -77,6 +77,7 @@ class PostgresCluster:
         self.port = free_port()
         self.password = secrets.token_urlsafe(18)
         self.running = False
+        self.extra_options = ""  # more `-c name=value` server options (e.g. TLS)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -133,7 +134,8 @@ class PostgresCluster:
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the server (again) on the same port and wait until it accepts connections."""
         options = (
-            f"-c listen_addresses={self.host} -p {self.port} -k {self.sockdir} {SERVER_OPTIONS}"
+            f"-c listen_addresses={self.host} -p {self.port} -k {self.sockdir} {SERVER_OPTIONS} "
+            f"{self.extra_options}"
         )
         # -w: pg_ctl itself notices a server that dies while starting, and says so.
         self._run(

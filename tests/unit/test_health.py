@@ -20,7 +20,13 @@ def test_ready_only_when_every_part_is() -> None:
     assert not ready
     assert body == {
         "ready": False,
-        "checks": {"consumer": False, "database": False, "pool": False, "draining": False},
+        "checks": {
+            "consumer": False,
+            "database": False,
+            "pool": False,
+            "draining": False,
+            "broker_blocked": False,
+        },
     }
 
     health.consumer_ready = health.database_ok = health.pool_alive = True
@@ -99,3 +105,13 @@ async def test_monitor_records_a_stalled_loop() -> None:
 async def test_monitor_rejects_a_non_positive_interval() -> None:
     with pytest.raises(ValueError, match="positive"):
         await monitor_loop(Health(), None, interval=0)
+
+
+def test_a_blocked_broker_makes_the_service_unready_and_says_so() -> None:
+    health = Health(consumer_ready=True, database_ok=True, pool_alive=True)
+    assert health.readiness() == (True, {"ready": True, "checks": health.readiness()[1]["checks"]})
+    health.broker_blocked = True
+    ready, body = health.readiness()
+    assert not ready
+    assert body["checks"]["broker_blocked"] is True
+    assert body["reason"] == "broker blocked"

@@ -488,3 +488,18 @@ def test_celery_reply_is_a_full_protocol_2_message() -> None:
     assert reply.headers["id"] == reply_task_id("req-1") == reply.headers["root_id"]
     assert reply.content_type == "application/json"
     assert reply_task_id("req-1") == reply_task_id("req-1") != reply_task_id("req-2")
+
+
+def test_an_empty_bytes_task_id_is_no_id_on_both_paths() -> None:
+    # Found by the fuzzer: b"" passed the emptiness check before it was decoded, so the header
+    # path gave a large Celery message the request id "" (every such message the same request).
+    from deployflag.messages import celery_envelope_from_headers, decode
+
+    task = "deployflag.contrib.ocave.tasks.process_data_from_ocave"
+    headers = {"task": task, "id": b""}
+    body = b'[[{"repo_id": 1}], {}, {}]'
+    assert celery_envelope_from_headers(headers, "application/json", task) is None
+    decoded = decode(
+        body, headers, message_id=None, content_type="application/json", task_name=task
+    )
+    assert decoded.envelope.request_id == hashlib.sha256(body).hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from deployflag import tls
 from deployflag.errors import FatalError
 from deployflag.exitcodes import RET_CONFIG
 from deployflag.settings import Settings
@@ -37,7 +39,20 @@ def create_engine(settings: Settings) -> AsyncEngine:
     url = make_url(settings.db_url)
     if settings.is_sqlite:
         return _sqlite_engine(url)
-    return _postgres_engine(url)
+    return _postgres_engine(url, _postgres_ssl(settings))
+
+
+def _postgres_ssl(settings: Settings) -> ssl.SSLContext | bool | None:
+    """asyncpg's ``ssl`` argument: None leaves the driver's default, False is "disable"."""
+    if settings.database_sslmode is None:
+        return None
+    context = tls.database_context(
+        settings.database_sslmode,
+        settings.database_sslrootcert,
+        settings.database_sslcert,
+        settings.database_sslkey,
+    )
+    return False if context is None else context
 
 
 def _sqlite_engine(url: URL) -> AsyncEngine:
@@ -120,7 +135,10 @@ def _enable_wal(cursor: Any) -> None:
         time.sleep(WAL_SWITCH_RETRY_SECONDS)
 
 
-def _postgres_engine(url: URL) -> AsyncEngine:
+def _postgres_engine(url: URL, ssl_arg: ssl.SSLContext | bool | None) -> AsyncEngine:
+    # A context means "TLS, no fallback" to asyncpg; "disable" must be said explicitly (False),
+    # or asyncpg tries TLS first ("prefer").
+    tls_args: dict[str, Any] = {} if ssl_arg is None else {"ssl": ssl_arg}
     return create_async_engine(
         url,
         pool_pre_ping=True,  # a restarted server leaves dead connections in the pool
@@ -132,5 +150,6 @@ def _postgres_engine(url: URL) -> AsyncEngine:
             "timeout": PG_CONNECT_TIMEOUT,
             "command_timeout": PG_COMMAND_TIMEOUT,
             "server_settings": {"application_name": "deployflag"},
+            **tls_args,
         },
     )

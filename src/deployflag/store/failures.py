@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, make_url
 from deployflag.errors import DeployflagError, FatalError, TransientError
 from deployflag.exitcodes import RET_CONFIG
 from deployflag.redaction import redact
+from deployflag.tls import tls_failure
 
 MAX_DETAIL = 300
 
@@ -114,6 +115,13 @@ def translate(exc: BaseException, target: Target) -> DeployflagError | None:
     """The service's error for ``exc``, or None when it is not a database-availability problem."""
     if isinstance(exc, DeployflagError):
         return exc
+    failure = tls_failure(exc)
+    if failure is not None:  # retrying cannot make a certificate valid
+        return FatalError(
+            f"database TLS: {target.where}: {failure} "
+            "(check DEPLOYFLAG_DATABASE_SSLMODE, DEPLOYFLAG_DATABASE_SSLROOTCERT and the host)",
+            exit_code=RET_CONFIG,
+        )
     kind = classify(exc)
     detail = target.scrub(_detail(exc))
     if kind is TransientError:
