@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployflag.messages import parse_request
+from deployflag.messages import TrainingResult, encode_json_reply, parse_request
 from deployflag.pipeline import compute, events, fix_rate, forecast, forecast_model, pair_events
 from deployflag.pipeline.config import ForecastSpec, PipelineConfig
 from deployflag.synthetic import generate
@@ -342,8 +345,6 @@ def test_weights_are_monotone_in_the_fix_rate_when_the_model_is_not_blended(
 
 
 def _body(payload: object) -> bytes:
-    import orjson
-
     return orjson.dumps(payload)
 
 
@@ -353,3 +354,17 @@ def test_fixed_half_life_is_reported() -> None:
     assert (result.model.half_life_days, result.model.backtest_spearman) == (30.0, None)
     # Ages from the last timestamp (02-10): a_i = 0.5^(age / 30) changes e
     assert result.scores[0].fix_rate != 0.2543
+
+
+def test_a_result_survives_the_stores_sorted_json_byte_for_byte() -> None:
+    # The store keeps results as JSON with sorted keys; a re-published copy must be identical.
+    computed = compute(
+        parse_request((ROOT_EXAMPLES / "worked-example.json").read_bytes()), FORECAST
+    )
+    result = TrainingResult(
+        **computed.model_dump(), request_id="r", deployflag_version="1",
+        finished_at=datetime(2021, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+    stored = json.loads(json.dumps(result.model_dump(mode="json"), sort_keys=True))
+    again = TrainingResult.model_validate(stored)
+    assert encode_json_reply(again).body == encode_json_reply(result).body

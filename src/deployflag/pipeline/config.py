@@ -83,7 +83,9 @@ class ForecastSpec(BaseModel):
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return {"C": self.C, "solver": self.solver, "max_iter": self.max_iter}
+        # In sorted key order: the store keeps results as JSON with sorted keys, and a stored
+        # result is re-published byte for byte only if its dicts come back in the same order.
+        return {"C": self.C, "max_iter": self.max_iter, "solver": self.solver}
 
     @property
     def grid_version(self) -> str:
