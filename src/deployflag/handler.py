@@ -44,7 +44,8 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
-from deployflag import __version__, logs, sentry, worker
+from deployflag import __version__, logs, poison, sentry, worker
+from deployflag.broker import tolerant
 from deployflag.broker.publisher import Publisher, Unroutable
 from deployflag.errors import InvalidRequest, TransientError
 from deployflag.health import Health
@@ -123,6 +124,7 @@ class MessageHandler:
         self._config = settings.pipeline_config()
         self._origin = f"deployflag@{socket.gethostname()}"
         self._running: dict[str, asyncio.Event] = {}  # request ids being handled here
+        self._failures = poison.FailureCounter()  # unexpected failures per message
 
     # --- entry point --------------------------------------------------------------------------
 
@@ -142,7 +144,7 @@ class MessageHandler:
             trace.outcome, trace.reason = "error", type(exc).__name__
             log.exception("unexpected error handling a message")
             sentry.capture(exc, request_id=_bound("request_id"), repo_id=_bound("repo_id"))
-            await self._requeue(message)
+            await self._requeue_or_park(message, exc, trace)
         finally:
             self._metrics.in_flight.dec()
             self._finish(message, trace)
@@ -172,11 +174,43 @@ class MessageHandler:
             await self._flow(message, trace)
         except Park as park:
             await self._park(message, park, trace)
+        except InvalidRequest as exc:  # the database refused a value (a data exception)
+            refused = Park(exc.reason, exc.message, _bound("request_id"), _bound("repo_id"))
+            await self._park(message, refused, trace)
+
+    async def _requeue_or_park(
+        self, message: AbstractIncomingMessage, exc: Exception, trace: Trace
+    ) -> None:
+        """Requeue after an unexpected failure, or park as ``internal_error`` once the same
+        message has failed unexpectedly a few times: nothing requeues without bound."""
+        rid = _bound("request_id")
+        key = poison.failure_key(rid, message.message_id, message.body)
+        count = self._failures.failed(key, redelivered=bool(message.redelivered))
+        if not self._failures.exhausted(count):
+            await self._requeue(message)
+            return
+        error = f"{type(exc).__name__}: {exc} (failed unexpectedly {count} times)"
+        # Recorded and parked; if even recording fails, parked without the record.
+        for park in (
+            Park("internal_error", error, rid, _bound("repo_id")),
+            Park("internal_error", f"{error}; request id {rid}", None),
+        ):
+            try:
+                await self._park(message, park, trace)
+            except Exception:
+                log.exception("parking a failing message failed", request_id=rid)
+                continue
+            self._failures.forget(key)
+            return
+        await self._requeue(message)
 
     async def _flow(self, message: AbstractIncomingMessage, trace: Trace) -> None:
         delivery = worker.Delivery(
             message.body, dict(message.headers or {}), message.message_id, message.content_type
         )
+        if (undecodable := tolerant.undecodable(message.headers)) is not None:
+            rid = await asyncio.to_thread(worker.fallback_id, delivery)
+            raise Park("undecodable_properties", f"could not decode: {undecodable}", rid)
         if len(delivery.body) > self._s.max_message_bytes:
             rid = await asyncio.to_thread(worker.fallback_id, delivery)
             raise Park(
@@ -186,6 +220,9 @@ class MessageHandler:
                 rid,
             )
         envelope = await trace.timed("decode", self._identify(message, delivery))
+        envelope = envelope.model_copy(
+            update={"body_digest": await poison.body_digest(delivery.body)}
+        )
         structlog.contextvars.bind_contextvars(
             request_id=envelope.request_id, repo_id=envelope.repo_id
         )
@@ -245,6 +282,8 @@ class MessageHandler:
             claim = await trace.timed(
                 "claim", self._retry("claim", message, self._claim_call(envelope))
             )
+            if claim.status == "conflict":
+                raise _id_conflict(envelope, claim.known_repo_id)
             if claim.status == "done" or claim.attempts > self._s.max_attempts:
                 await _discard(early)
                 early = None
@@ -268,6 +307,7 @@ class MessageHandler:
             deployflag_version=__version__,
             finished_at=datetime.now(UTC),
         )
+        self._encode(envelope, result)  # a reply too large is parked before "done" is recorded
         fresh, stored_json = await trace.timed(
             "record",
             self._retry("record", message, lambda: self._store.record_result(result, self._config)),
@@ -277,7 +317,9 @@ class MessageHandler:
         return result, "ok"
 
     def _claim_call(self, envelope: Envelope) -> Callable[[], Awaitable[Any]]:
-        return lambda: self._store.claim(envelope.request_id, envelope.repo_id)
+        return lambda: self._store.claim(
+            envelope.request_id, envelope.repo_id, envelope.body_digest
+        )
 
     async def _identify(
         self, message: AbstractIncomingMessage, delivery: worker.Delivery
@@ -494,6 +536,17 @@ def _abandon(job: asyncio.Future[Any]) -> None:
     """Cancel a job nobody will await, and keep its outcome out of the "never retrieved" log."""
     job.cancel()
     job.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+
+def _id_conflict(envelope: Envelope, known_repo_id: str | None) -> Park:
+    """A known request id with another body: parked, never answered with the other's result.
+    Not recorded (``request_id`` None): the row belongs to the first body."""
+    return Park(
+        "id_conflict",
+        f"request id {envelope.request_id!r} is already known with another body (stored for "
+        f"repo {known_repo_id!r}); this message is for repo {envelope.repo_id!r}, body "
+        f"sha256 {envelope.body_digest}",
+    )
 
 
 def _bound(key: str) -> Any:

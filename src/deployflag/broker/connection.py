@@ -8,10 +8,13 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from deployflag import __version__
+from deployflag.broker import tolerant
 from deployflag.settings import Settings
 
 
 async def connect(settings: Settings, *, name: str = "serve") -> AbstractRobustConnection:
+    # A property pamqp cannot decode must not kill the connection (and wedge the queue).
+    tolerant.install()
     connection = await aio_pika.connect_robust(
         settings.broker_url,
         timeout=10,
