@@ -389,6 +389,19 @@ def validate_request(obj: Any) -> TrainingRequest:
         raise _invalid(exc) from None
 
 
+def check_shortcodes(request: TrainingRequest, cap: int) -> None:
+    """Refuse a request with more than ``cap`` distinct shortcodes (0: no cap)."""
+    if cap <= 0:
+        return
+    distinct = {row.shortcode for row in request.analysis_run}
+    distinct.update(row.shortcode for row in request.historical_run)
+    if len(distinct) > cap:
+        raise InvalidRequest(
+            "too_many_shortcodes",
+            f"{len(distinct)} distinct shortcodes, more than DEPLOYFLAG_MAX_SHORTCODES ({cap})",
+        )
+
+
 def parse_request(body: bytes) -> TrainingRequest:
     """A plain JSON request body → a validated request.
 

@@ -32,6 +32,9 @@ from deployflag.settings import Settings
 from deployflag.store.repository import Store
 
 log = logs.get_logger("deployflag.service")
+# SIGHUP drains too: a closed terminal or a supervisor's hang-up must not kill in-flight work
+# (its default action exits at once, status 129, which systemd does not restart).
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Service:
@@ -58,10 +61,9 @@ class Service:
         self._background.append(asyncio.create_task(monitor_loop(self.health, self.metrics)))
         self._http = await start_http(s, self.health, self.metrics)
 
-        try:
-            self._store = await Store.open(s)
-        except TransientError as exc:
-            raise FatalError(f"database unreachable: {exc}", RET_DATABASE) from None
+        self._store = await self._open_store()
+        if self._store is None:
+            return  # a signal came while waiting
         self.health.database_ok = True
         self.metrics.database_ok.set(1)
 
@@ -71,6 +73,8 @@ class Service:
         await self._pool.start()
         self.health.pool_alive = True
 
+        if self.stopping.is_set():
+            return
         self._connection = await self._connect()
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=s.effective_prefetch)
@@ -84,11 +88,33 @@ class Service:
         self._handler = handler
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
+        if self.stopping.is_set():  # a signal during start-up: stop before taking anything
+            log.info("stopping before consuming")
+            return
         self._consumer_tag = await self._queue.consume(self._dispatch)
         self._set_consuming(True)
         systemd.notify("READY=1\nSTATUS=consuming " + s.training_queue)
         self._background.append(asyncio.create_task(systemd.watchdog_task(self.health)))
         log.info("consuming", queue=s.training_queue, prefetch=s.effective_prefetch)
+
+    async def _open_store(self) -> Store | None:
+        """Open the database, waiting for it like for the broker (a database restarting with
+        the service must not make it exit); None when a signal came meanwhile."""
+        delay, waited = 0.5, 0.0
+        while True:
+            try:
+                return await Store.open(self.settings)
+            except TransientError as exc:
+                error = exc
+            if waited >= self.settings.database_connect_timeout:
+                raise FatalError(f"database unreachable: {error}", RET_DATABASE) from None
+            log.warning("database not reachable yet", error=str(error), retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if self.stopping.is_set():
+                return None
+            waited += delay
+            delay = min(delay * 2, 5.0)
 
     async def _watch_database(self, store: Store) -> None:
         """Keep /readyz honest while no message touches the database."""
@@ -210,7 +236,7 @@ async def serve(settings: Settings) -> int:
         log.info("signal received: draining", signal=signal.Signals(signum).name)
         service.stopping.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in DRAIN_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         try:
@@ -222,5 +248,5 @@ async def serve(settings: Settings) -> int:
         await service.drain_and_close()
         return RET_OK
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in DRAIN_SIGNALS:
             loop.remove_signal_handler(signum)

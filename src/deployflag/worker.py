@@ -29,6 +29,7 @@ from deployflag.messages import (
     Computation,
     Decoded,
     Envelope,
+    check_shortcodes,
     decode,
     parse_request,
     validate_request,
@@ -39,6 +40,7 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _PR_SET_PDEATHSIG = 1
 _limits: Any = None  # keeps threadpoolctl's limit alive for the life of the process
 _memory_limited = False  # set by init_worker when RLIMIT_AS is in force
+_max_shortcodes = 0  # DEPLOYFLAG_MAX_SHORTCODES, set by init_worker (0: no cap)
 
 # Address space needed per byte of body, measured on synthetic payloads (docs/faults.md): orjson
 # peaks at 15.6 x the body while it parses (its document tree plus the Python objects), and the
@@ -57,10 +59,15 @@ def cap_threads() -> None:
 
 
 def init_worker(
-    log_format: str, log_level: str, memory_limit: int, service_pid: int | None = None
+    log_format: str,
+    log_level: str,
+    memory_limit: int,
+    service_pid: int | None = None,
+    max_shortcodes: int = 0,
 ) -> None:
     """Pool initializer: logging, one thread, heavy imports, then the address-space limit."""
-    global _limits
+    global _limits, _max_shortcodes
+    _max_shortcodes = max_shortcodes
     cap_threads()
     _die_with_parent()
     if service_pid is not None:
@@ -69,6 +76,7 @@ def init_worker(
     # supervisor's signal to the whole process group must not kill jobs mid-drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a hang-up drains the service like SIGTERM
     logs.configure(log_format, log_level)
     from threadpoolctl import threadpool_limits
 
@@ -256,6 +264,8 @@ def _process(
             request = parse_request(delivery.body)
         else:
             request = validate_request(decoded.request)
+        # The result (and its reply, built in the main process) grows with the shortcodes.
+        check_shortcodes(request, _max_shortcodes)
         try:
             computation = compute(request, config)
         except MemoryError:
