@@ -197,6 +197,8 @@ class MessageHandler:
         ):
             try:
                 await self._park(message, park, trace)
+            except Abandon:
+                return  # its channel is gone: the broker redelivers it, and it is counted again
             except Exception:
                 log.exception("parking a failing message failed", request_id=rid)
                 continue

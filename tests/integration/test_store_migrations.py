@@ -118,8 +118,8 @@ BROKEN_REVISION = """
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "9999"
+down_revision = "{head}"
 branch_labels = None
 depends_on = None
 
@@ -139,13 +139,15 @@ async def test_a_failed_migration_changes_nothing(database: Database, tmp_path: 
     """Each migration is one transaction, on SQLite too (the driver's implicit commits are off)."""
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0002_broken.py").write_text(BROKEN_REVISION)
+    head = migrate.head()
+    # A broken revision after this build's head (any number of real revisions before it).
+    (scripts / "versions" / "9999_broken.py").write_text(BROKEN_REVISION.replace("{head}", head))
     settings = database.settings(migrations_dir=scripts)
-    await migrate.upgrade(settings, "0001")
+    await migrate.upgrade(settings, head)
 
     with pytest.raises(RuntimeError, match="halfway"):
         await migrate.upgrade(settings)
-    assert await migrate.current(settings) == "0001"
+    assert await migrate.current(settings) == head
     assert await table_names(database) == TABLES | {"alembic_version"}
     engine = create_engine(settings)
     try:
