@@ -1,6 +1,7 @@
-"""Benchmark of the pure pipeline: seconds per stage, peak memory, model quality, grid sizes.
+"""Benchmark of the pure pipeline: ranking quality of both scorings against a known truth,
+seconds per stage, peak memory, model quality, grid sizes.
 
-    python benchmarks/bench_pipeline.py [--runs 5] [--threads 1] [--quick]
+    python benchmarks/bench_pipeline.py [--runs 5] [--threads 1] [--payloads 10] [--quick]
 
 Each measurement runs in a fresh interpreter that reads a synthetic payload from a file, so its
 peak RSS is that of one service worker on one request: interpreter, numpy and scikit-learn,
@@ -40,18 +41,19 @@ LARGER_GRID: dict[str, list[Any]] = {
 
 
 def child_stages(path: str, runs: int, threads: int) -> dict[str, Any]:
-    """Per run: each stage timed, then `run()` end to end; plus quality and peak RSS."""
+    """Seed scoring: per run each stage timed, then `run()` end to end; plus quality and RSS."""
     from threadpoolctl import threadpool_limits
 
     from deployflag.messages import parse_request
     from deployflag.pipeline import events, features, model, run, scoring
     from deployflag.pipeline.config import PipelineConfig
 
-    config = PipelineConfig()
+    config = PipelineConfig(scoring="seed")
     body = Path(path).read_bytes()
     stages = ("parse", "features", "training", "weights", "end_to_end")
     times: dict[str, list[float]] = {k: [] for k in stages}
     with threadpool_limits(limits=threads):
+        run(body, config)  # warm-up, as in the forecast child
         for _ in range(runs):
             clock = [time.perf_counter()]
             req = parse_request(body)
@@ -80,6 +82,89 @@ def child_stages(path: str, runs: int, threads: int) -> dict[str, Any]:
         "prior_auc": model.prior_auc(rows),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def child_forecast(path: str, runs: int, threads: int) -> dict[str, Any]:
+    """Forecast scoring (the default): parse, then the computation, then `run()` end to end."""
+    from threadpoolctl import threadpool_limits
+
+    from deployflag.messages import parse_request
+    from deployflag.pipeline import compute, run
+    from deployflag.pipeline.config import PipelineConfig
+
+    config = PipelineConfig()
+    body = Path(path).read_bytes()
+    times: dict[str, list[float]] = {"parse": [], "compute": [], "training": [], "end_to_end": []}
+    with threadpool_limits(limits=threads):
+        run(body, config)  # warm-up: the first call imports the model's modules
+        for _ in range(runs):
+            started = time.perf_counter()
+            req = parse_request(body)
+            parsed = time.perf_counter()
+            result = compute(req, config)
+            computed = time.perf_counter()
+            del req
+            run(body, config)
+            times["parse"].append(parsed - started)
+            times["compute"].append(computed - parsed)
+            times["training"].append(result.model.training_seconds)
+            times["end_to_end"].append(time.perf_counter() - computed)
+    return {
+        "medians": {k: statistics.median(v) for k, v in times.items()},
+        "rows": result.model.training_rows,
+        "auc": result.model.roc_auc,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+QUALITY_SCORINGS = ("seed", "forecast", "forecast_none")
+
+
+def child_quality(size: str, kind: str, payloads: int, threads: int) -> list[dict[str, Any]]:
+    """Per payload with a known truth: each scoring's Spearman with it and its seconds, the
+    half-life `auto` chose, and whether the user's backtest prefers the scoring the truth does."""
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    from deployflag.messages import validate_request
+    from deployflag.pipeline import backtest, compute
+    from deployflag.pipeline.config import PipelineConfig
+    from deployflag.pipeline.fix_rate import spearman
+    from deployflag.synthetic import Size, generate_with_truth
+
+    configs = {
+        "seed": PipelineConfig(scoring="seed"),
+        "forecast": PipelineConfig(),
+        "forecast_none": PipelineConfig(recency="none"),
+    }
+    out = []
+    with threadpool_limits(limits=threads):
+        for seed in range(1, payloads + 1):
+            payload, truth = generate_with_truth(cast(Size, size), seed=seed, drift=kind == "drift")
+            req = validate_request(payload)
+            names = sorted(truth)
+            row: dict[str, Any] = {"seed": seed}
+            for name, config in configs.items():
+                started = time.perf_counter()
+                result = compute(req, config)
+                row[f"{name}_seconds"] = time.perf_counter() - started
+                weight = {s.issue_shortcode: s.issue_weight for s in result.scores}
+                row[name] = spearman(
+                    np.asarray([weight[c] for c in names], dtype=float),
+                    np.asarray([truth[c] for c in names]),
+                )
+                if name == "forecast":
+                    row["half_life"] = result.model.half_life_days
+            report = backtest.run(req, PipelineConfig())
+            by = {(c.scoring, c.recency, c.model_weight): c.spearman for c in report.candidates}
+            bt_seed, bt_forecast = by[("seed", None, None)], by[("forecast", "auto", 0.0)]
+            row["backtest_agrees"] = (
+                None
+                if bt_seed is None or bt_forecast is None
+                else (bt_forecast >= bt_seed) == ((row["forecast"] or 0) >= (row["seed"] or 0))
+            )
+            out.append(row)
+    return out
 
 
 def child_grid(path: str, threads: int) -> dict[str, Any]:
@@ -149,12 +234,11 @@ def _payload(size: str, seed: int, folder: Path) -> Path:
     return path
 
 
-def _child(*args: str) -> dict[str, Any]:
+def _child(*args: str) -> Any:
     done = subprocess.run(
         [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True
     )
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    return json.loads(done.stdout)
 
 
 def _versions() -> str:
@@ -171,6 +255,49 @@ def _f(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
 
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def quality(args: argparse.Namespace, sizes: tuple[str, ...]) -> list[str]:
+    lines = [
+        "## Ranking quality against a known truth",
+        "",
+        f"{args.payloads} synthetic payloads per size and kind (seeds 1–{args.payloads}), each "
+        "with every shortcode's latent fix propensity written beside it (`python -m "
+        "deployflag.synthetic --truth FILE`); *drift*: propensities move over the time span and "
+        "the truth is their value at the end. Spearman of `issue_weight` with the truth, mean "
+        "over payloads. *forecast* is the default (recency auto); *none* is forecast with "
+        "`DEPLOYFLAG_RECENCY=none`. *backtest agrees*: payloads where `deployflag backtest` "
+        "prefers the scoring (seed or forecast) that the truth prefers. Seconds: median of "
+        "`compute` per payload, one thread.",
+        "",
+        "| size | kind | seed | forecast | none | forecast > seed | auto − none | auto chose 60 d "
+        "| backtest agrees | seed s | forecast s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for size in sizes:
+        for kind in ("stationary", "drift"):
+            rows: list[dict[str, Any]] = _child(
+                "quality", size, kind, str(args.payloads), str(args.threads)
+            )
+            mean = {k: _mean([r[k] for r in rows]) for k in QUALITY_SCORINGS}
+            better = sum((r["forecast"] or 0) > (r["seed"] or 0) for r in rows)
+            auto_gain = (mean["forecast"] or 0) - (mean["forecast_none"] or 0)
+            agrees = [r["backtest_agrees"] for r in rows if r["backtest_agrees"] is not None]
+            lines.append(
+                f"| {size} | {kind} | {_f(mean['seed'])} | **{_f(mean['forecast'])}** "
+                f"| {_f(mean['forecast_none'])} | {better} of {len(rows)} | {auto_gain:+.3f} "
+                f"| {sum(r['half_life'] is not None for r in rows)} of {len(rows)} "
+                f"| {sum(agrees)} of {len(agrees)} "
+                f"| {_f(statistics.median(r['seed_seconds'] for r in rows), 2)} "
+                f"| {_f(statistics.median(r['forecast_seconds'] for r in rows), 2)} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+    return [*lines, ""]
+
+
 def report(args: argparse.Namespace) -> str:
     sizes = ("small", "reference") if args.quick else SIZES
     lines = [
@@ -180,16 +307,38 @@ def report(args: argparse.Namespace) -> str:
         f"{args.threads} native thread(s) per process, as in a service worker. "
         "Seconds are medians; each size runs in a fresh process (peak RSS is that process's).",
         "",
-        "| payload | rows in | feature rows | parse + validate | events + features | training "
-        "| weights | end to end | peak RSS | held-out AUC | prior AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *quality(args, sizes),
+        "## Seconds and memory: forecast scoring (the default) vs seed scoring",
+        "",
+        "| payload | forecast: parse + validate | computation | of it training | end to end "
+        "| peak RSS | held-out AUC | seed: end to end | seed peak RSS | forecast / seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        seed_stages: dict[str, dict[str, Any]] = {}
         for size in sizes:
             path = _payload(size, 0, folder)
             runs = args.large_runs if size == "large" else args.runs
-            r = _child("stages", str(path), str(runs), str(args.threads))
+            f = _child("forecast", str(path), str(runs), str(args.threads))
+            r = seed_stages[size] = _child("stages", str(path), str(runs), str(args.threads))
+            fm, sm = f["medians"], r["medians"]
+            lines.append(
+                f"| {size} | {_f(fm['parse'])} | {_f(fm['compute'])} | {_f(fm['training'])} "
+                f"| **{_f(fm['end_to_end'])}** | {f['peak_rss_mb']:.0f} MB | {_f(f['auc'])} "
+                f"| {_f(sm['end_to_end'])} | {r['peak_rss_mb']:.0f} MB "
+                f"| {fm['end_to_end'] / sm['end_to_end']:.2f} |"
+            )
+            print(lines[-1], file=sys.stderr, flush=True)
+        lines += [
+            "",
+            "## Seed scoring, stage by stage",
+            "",
+            "| payload | rows in | feature rows | parse + validate | events + features "
+            "| training | weights | end to end | peak RSS | held-out AUC | prior AUC |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for size, r in seed_stages.items():
             m = r["medians"]
             rows_in = {"small": "1,000 + 1,000", "reference": "8,000 + 7,000"}.get(
                 size, "80,000 + 70,000"
@@ -200,7 +349,6 @@ def report(args: argparse.Namespace) -> str:
                 f"| {_f(m['training'])} | {_f(m['weights'])} | **{_f(m['end_to_end'])}** "
                 f"| {r['peak_rss_mb']:.0f} MB | {_f(r['auc'])} | {_f(r['prior_auc'])} |"
             )
-            print(lines[-1], file=sys.stderr, flush=True)
 
         lines += [
             "",
@@ -262,8 +410,13 @@ def _varied() -> set[str]:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, path, *rest = sys.argv[2:]
+        out: Any
         if kind == "stages":
             out = child_stages(path, int(rest[0]), int(rest[1]))
+        elif kind == "forecast":
+            out = child_forecast(path, int(rest[0]), int(rest[1]))
+        elif kind == "quality":
+            out = child_quality(path, rest[0], int(rest[1]), int(rest[2]))
         else:
             out = child_grid(path, int(rest[0]))
         print(json.dumps(out))
@@ -273,6 +426,9 @@ def main() -> int:
     parser.add_argument("--large-runs", type=int, default=5, help="runs of large")
     parser.add_argument("--threads", type=int, default=1, help="native threads per process")
     parser.add_argument("--quick", action="store_true", help="small and reference only")
+    parser.add_argument(
+        "--payloads", type=int, default=10, help="payloads per size and kind for ranking quality"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     text = report(args)

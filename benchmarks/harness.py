@@ -13,37 +13,43 @@ import contextlib
 import http.client
 import itertools
 import os
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import psutil
-from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, a benchmark has only benchmarks/ on its path; the helpers it shares with the
+# tests live in tests/support.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+from tests.support.toolkit import (  # noqa: E402
+    Names,
+    Proc,
+    Samples,
+    free_port,
+    rabbitmqctl,
+    read_metrics,
+    vhost,
+    wait_until,
+)
 
 RABBIT = "127.0.0.1:5672"
-ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
 
 
 # --- small utilities ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -61,29 +67,7 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
-
-
 # --- RabbitMQ: one vhost per bench run, fresh names per configuration --------------------------
-
-
-def rabbitmqctl(*args: str) -> str:
-    if shutil.which("rabbitmqctl") is None:
-        raise RuntimeError("rabbitmqctl not found: run `scripts/services.sh rabbitmq`")
-    done = subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def rabbitmq_version() -> str:
@@ -94,48 +78,9 @@ def rabbitmq_version() -> str:
     return out or "unknown"
 
 
-@contextlib.contextmanager
-def vhost() -> Iterator[str]:
+def bench_vhost() -> contextlib.AbstractContextManager[str]:
     """An AMQP URL on a vhost of this run's own, deleted afterwards (whatever happened)."""
-    name = f"deployflag-bench-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        yield f"amqp://guest:guest@{RABBIT}/{name}"
-    finally:
-        with contextlib.suppress(Exception):
-            rabbitmqctl("delete_vhost", name)
-
-
-@dataclass(frozen=True)
-class Names:
-    """Exchange and queue names of one configuration, so runs never see each other's messages."""
-
-    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-
-    @property
-    def exchange(self) -> str:
-        return f"deployflag-{self.suffix}"
-
-    def queue(self, kind: str) -> str:
-        return f"deployflag_{kind}-{self.suffix}"
-
-    @property
-    def training(self) -> str:
-        return self.queue("training")
-
-    @property
-    def result(self) -> str:
-        return self.queue("save_result")
-
-    def env(self) -> dict[str, str]:
-        return {
-            "DEPLOYFLAG_EXCHANGE": self.exchange,
-            "DEPLOYFLAG_COLLECT_QUEUE": self.queue("collect_data"),
-            "DEPLOYFLAG_TRAINING_QUEUE": self.training,
-            "DEPLOYFLAG_RESULT_QUEUE": self.result,
-            "DEPLOYFLAG_FAILED_QUEUE": self.queue("failed"),
-        }
+    return vhost("deployflag-bench", RABBIT)
 
 
 # --- processes ---------------------------------------------------------------------------------
@@ -153,68 +98,6 @@ def clean_env(src: Path | None = None, **extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env.update(extra)
     return env
-
-
-class Proc:
-    """A child process in its own session, stopped by its process-group id."""
-
-    live: set[Proc] = set()  # noqa: RUF012  (every Proc not yet stopped, for emergency cleanup)
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], cwd: Path, log: Path):
-        self.name = name
-        self.log_path = log
-        self._log = log.open("ab")
-        self.popen = subprocess.Popen(
-            argv,
-            env=env,
-            cwd=cwd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.pid = self.popen.pid
-        Proc.live.add(self)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def check(self) -> None:
-        if not self.alive():
-            raise RuntimeError(
-                f"{self.name} exited with {self.popen.returncode}; log tail:\n{self.log_tail()}"
-            )
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM to the process group, wait, then SIGKILL whatever is left of the group."""
-        pgid = self.pid  # start_new_session: the group id is our child's pid
-        if not self.alive():
-            print(
-                f"{self.name} (pid {self.pid}) had exited with {self.popen.returncode}",
-                file=sys.stderr,
-            )
-        else:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.popen.wait(timeout=timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)  # stragglers: pool workers, Celery children
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        self._log.close()
-        Proc.live.discard(self)
-
-    @classmethod
-    def stop_all(cls) -> None:
-        for proc in list(cls.live):
-            with contextlib.suppress(Exception):
-                proc.stop(timeout=10)
 
 
 def install_signal_cleanup() -> None:
@@ -259,11 +142,11 @@ def start_service(
         tag,
         [sys.executable, "-m", "deployflag", "serve"],
         env,
-        workdir,  # no .env from the repository is read
         workdir / f"{tag}.log",
+        cwd=workdir,  # no .env from the repository is read
     )
     try:
-        wait_for(lambda: proc.check() or _ready(port), 90, f"{tag} to become ready", every=0.2)
+        wait_until(lambda: proc.check() or _ready(port), 90, f"{tag} to become ready", every=0.2)
     except BaseException:
         proc.stop()
         raise
@@ -324,7 +207,7 @@ def start_celery(
     ]
     if original:
         argv += ["--prefetch-multiplier", "1", "--max-tasks-per-child", "1"]
-    proc = Proc(tag, argv, env, BENCH_DIR, workdir / f"{tag}.log")
+    proc = Proc(tag, argv, env, workdir / f"{tag}.log", cwd=BENCH_DIR)
     return proc
 
 
@@ -342,8 +225,8 @@ def start_raw(url: str, names: Names, workdir: Path, *, prefetch: int) -> Proc:
         "raw",
         [sys.executable, str(BENCH_DIR / "raw_consumer.py")],
         env,
-        BENCH_DIR,
         workdir / "raw.log",
+        cwd=BENCH_DIR,
     )
 
 
@@ -641,16 +524,12 @@ class HealthProber:
             self._stop.wait(max(0.0, self.every - (time.perf_counter() - started)))
 
 
-def scrape(port: int) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """/metrics as {sample name: {sorted labels: value}}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            key = tuple(sorted(sample.labels.items()))
-            out.setdefault(sample.name, {})[key] = sample.value
-    return out
+def scrape(port: int) -> Samples:
+    """/metrics as {sample name: {sorted labels: value}}; OSError when it does not answer."""
+    samples = read_metrics(port)
+    if samples is None:
+        raise OSError(f"/metrics on port {port} did not answer")
+    return samples
 
 
 class MetricsPoller:

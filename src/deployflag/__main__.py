@@ -1,4 +1,4 @@
-"""The command line: serve · run · submit · migrate · healthcheck · generate.
+"""The command line: serve · run · backtest · submit · migrate · healthcheck · generate.
 
 Errors are one line on stderr with a named exit code (deployflag.exitcodes), never a traceback.
 """
@@ -112,6 +112,26 @@ def cmd_submit(args: argparse.Namespace, settings: Settings) -> int:
     )
 
 
+def cmd_backtest(args: argparse.Namespace, settings: Settings) -> int:
+    from deployflag.backtest_cli import render_table
+    from deployflag.messages import parse_request
+    from deployflag.pipeline import backtest
+
+    body = _read_payload(args.payload)
+    try:
+        report = backtest.run(parse_request(body), settings.pipeline_config())
+    except InvalidRequest as exc:
+        raise CommandError(
+            f"invalid payload ({exc.reason}): {exc.message}", exitcodes.RET_INVALID_INPUT
+        ) from None
+    if args.format == "json":
+        data = orjson.dumps(report.model_dump(mode="json"), option=orjson.OPT_INDENT_2)
+        sys.stdout.buffer.write(data + b"\n")
+    else:
+        print(render_table(report))
+    return exitcodes.RET_OK
+
+
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from deployflag.store import migrate
 
@@ -179,6 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--celery", action="store_true", help="send Celery protocol-2 task messages")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for replies")
 
+    p = add(
+        "backtest",
+        cmd_backtest,
+        "Would each scoring have predicted what happened? Weights from the first 80 %% of the "
+        "payload's time span against each shortcode's fixes after it (no broker, no database).",
+    )
+    p.add_argument("payload", help="request JSON file, or - for standard input")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
     p = add("migrate", cmd_migrate, "Upgrade the database schema (Alembic).")
     p.add_argument("--revision", default="head", help="target revision (default: head)")
     p.add_argument("--downgrade", metavar="REV", help="downgrade to REV instead (e.g. base)")
@@ -213,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"deployflag: {redact(str(exc))}", file=sys.stderr)
         return exitcodes.RET_DATABASE
     except KeyboardInterrupt:
-        return 130
+        return exitcodes.RET_INTERRUPTED
     except Exception as exc:  # a bug: one line here, the traceback in the log (and Sentry)
         from deployflag import sentry
 

@@ -1,6 +1,8 @@
-"""The few exception types that decide what happens to a message (see service.py's policy)."""
+"""The few exception types that decide what happens to a message (the table in docs/handler.md)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class DeployflagError(Exception):
@@ -8,19 +10,30 @@ class DeployflagError(Exception):
 
 
 class InvalidRequest(DeployflagError):
-    """The message itself is wrong: park it with ``reason`` (a short code) and ack it.
+    """The delivery cannot be answered: park it with ``reason`` (a short code), then ack it.
 
-    Retrying cannot help, so these are never requeued.
+    The one rejection type, wherever it is decided: the envelope or the data is wrong, the
+    pipeline refused the data, the request ran out of attempts, its reply cannot be delivered.
+    Retrying cannot help, so these are never requeued. ``request_id`` / ``repo_id`` name the
+    request when the rejection knows better than the handler (a body that never decoded).
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        request_id: str | None = None,
+        repo_id: int | str | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.request_id = request_id
+        self.repo_id = repo_id
 
-    def __reduce__(self) -> tuple[type[InvalidRequest], tuple[str, str]]:
-        # Exceptions cross the process pool by pickling; keep both fields.
-        return (type(self), (self.reason, self.message))
+    def __reduce__(self) -> tuple[type[InvalidRequest], tuple[str, str, str | None, Any]]:
+        # Exceptions cross the process pool by pickling; keep every field.
+        return (type(self), (self.reason, self.message, self.request_id, self.repo_id))
 
 
 class TransientError(DeployflagError):

@@ -14,3 +14,4 @@ RET_BROKER = 69  # EX_UNAVAILABLE: the broker cannot be reached, or was lost for
 RET_INTERNAL = 70  # EX_SOFTWARE: a bug; the traceback is logged
 RET_DATABASE = 75  # EX_TEMPFAIL: the database cannot be reached at start
 RET_CONFIG = 78  # EX_CONFIG: a setting is wrong, or the schema needs `migrate`
+RET_INTERRUPTED = 130  # 128 + SIGINT: Ctrl-C outside `serve` (serve drains and exits RET_OK)

@@ -25,9 +25,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from deployflag import logs
+
 if TYPE_CHECKING:
     from deployflag.metrics import Metrics
     from deployflag.settings import Settings
+
+_log = logs.get_logger("deployflag.health")
 
 # About a minute of samples at the default 0.1 s interval: enough for a p99 and a recent maximum.
 LAG_WINDOW = 600
@@ -92,6 +96,22 @@ class Health:
         }
         ready = self.consumer_ready and self.database_ok and self.pool_alive and not self.draining
         return ready, {"ready": ready, "checks": checks}
+
+
+def mark_database(
+    health: Health, metrics: Metrics | None, *, ok: bool, error: str | None = None
+) -> None:
+    """The one place that flips the database's health (readiness, the gauge, one log line per
+    change): the idle watcher and the handler's retries both report here."""
+    if metrics is not None:
+        metrics.database_ok.set(1 if ok else 0)
+    if ok == health.database_ok:
+        return
+    health.database_ok = ok
+    if ok:
+        _log.info("database reachable")
+    else:
+        _log.warning("database unreachable", error=error)
 
 
 async def monitor_loop(health: Health, metrics: Metrics | None, interval: float = 0.1) -> None:

@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING
 from aiohttp import hdrs, web
 
 from deployflag.errors import FatalError
+from deployflag.exitcodes import RET_CONFIG
 from deployflag.health import Health
 from deployflag.http_limits import ConnectionLimits, GuardedTCPSite
 from deployflag.metrics import Metrics
 
 if TYPE_CHECKING:
     from deployflag.settings import Settings
-
-EX_CONFIG = 78  # sysexits: the endpoint cannot be bound as configured
 
 HEALTH_KEY = web.AppKey("health", Health)
 METRICS_KEY = web.AppKey("metrics", Metrics)
@@ -71,7 +70,7 @@ async def start_http(settings: Settings, health: Health, metrics: Metrics) -> we
     """Serve the endpoint on ``settings.http_host:http_port``; ``None`` when the port is 0 (off).
 
     Stop it with :func:`stop_http`. A port that cannot be bound is a :class:`FatalError`
-    (exit 78) naming the variables, not a traceback.
+    (exit RET_CONFIG) naming the variables, not a traceback.
     """
     if settings.http_port == 0:
         return None
@@ -95,7 +94,7 @@ async def start_http(settings: Settings, health: Health, metrics: Metrics) -> we
         raise FatalError(
             f"DEPLOYFLAG_HTTP_HOST/DEPLOYFLAG_HTTP_PORT: cannot listen on "
             f"{settings.http_host}:{settings.http_port}: {reason}",
-            EX_CONFIG,
+            RET_CONFIG,
         ) from None
     return runner
 

@@ -1,4 +1,4 @@
-"""Messages on the wire (SPEC §3, §5): request and result schemas, and the two envelopes.
+"""Messages on the wire (docs/protocol.md): request and result schemas, and the envelopes.
 
 Decoding is O(body) work, so the service calls :func:`decode` in a worker process, never on the
 event loop. Nothing here is ever unpickled or evaluated: bodies are JSON, parsed by orjson.
@@ -128,7 +128,7 @@ class HistoricalRun(_Row):
 
 
 class TrainingRequest(_Row):
-    """The training request of SPEC §3; field names are the upstream's."""
+    """The training request (docs/protocol.md); field names are the upstream's."""
 
     repo_id: RepoId
     default_branch_name: StrictStr | None = None
@@ -136,7 +136,7 @@ class TrainingRequest(_Row):
     historical_run: list[HistoricalRun]
 
 
-# --- the result (SPEC §5) ------------------------------------------------------------------
+# --- the result (docs/protocol.md) ---------------------------------------------------------------
 
 
 class Score(BaseModel):
@@ -146,6 +146,10 @@ class Score(BaseModel):
     daily_weighted_fix_rate: float
     historical_weighted_fix_rate: float
     severity_score: int
+    # Forecast scoring: the smoothed fix rate; null under seed scoring, which has none.
+    fix_rate: float | None = None
+    # How many events the shortcode had (of the scoring that produced the result).
+    events: int = 0
 
 
 class ModelReport(BaseModel):
@@ -157,12 +161,23 @@ class ModelReport(BaseModel):
     precision: float | None = None
     training_rows: int = 0
     training_seconds: float = 0.0
+    # Forecast scoring only (null under seed): the recency half-life in days (null: none), the
+    # model's share in the weight, and the recency backtest's Spearman (null: not run or too
+    # little data for it).
+    half_life_days: float | None = None
+    blend_weight: float | None = None
+    backtest_spearman: float | None = None
+
+
+Scoring = Literal["forecast", "seed"]
 
 
 class Computation(BaseModel):
     """What the pure pipeline returns for one request."""
 
     repo_id: int | str
+    # Results stored before the forecast scoring existed were computed by the seed scoring.
+    scoring: Scoring = "seed"
     scores: list[Score]
     model: ModelReport
 
@@ -176,7 +191,7 @@ class TrainingResult(Computation):
     finished_at: datetime
 
 
-# --- envelopes (SPEC §3) -------------------------------------------------------------------
+# --- envelopes (docs/protocol.md) ----------------------------------------------------------------
 
 EnvelopeKind = Literal["json", "celery"]
 
@@ -426,7 +441,7 @@ def _invalid(exc: ValidationError) -> InvalidRequest:
     return InvalidRequest(_reason_for(first["type"], loc), f"{_where(loc)}: {text}{more}")
 
 
-# --- replies (SPEC §5) -----------------------------------------------------------------------
+# --- replies (docs/protocol.md) ------------------------------------------------------------------
 
 CELERY_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _REPLY_NAMESPACE = uuid.UUID("6f1d3a52-5e0c-4c1e-9a37-0d2b1f6d8e11")
@@ -447,6 +462,22 @@ def reply_task_id(request_id: str) -> str:
     return str(uuid.uuid5(_REPLY_NAMESPACE, request_id))
 
 
+def encode_reply(
+    result: TrainingResult,
+    kind: EnvelopeKind,
+    *,
+    reply_format: Literal["auto", "json", "celery"],
+    task_name: str,
+    origin: str,
+) -> Reply:
+    """The reply to a request that came in a ``kind`` envelope: the same kind unless
+    ``reply_format`` names one."""
+    form = kind if reply_format == "auto" else reply_format
+    if form == "celery":
+        return encode_celery_reply(result, task_name, origin)
+    return encode_json_reply(result)
+
+
 def encode_json_reply(result: TrainingResult) -> Reply:
     return Reply(body=orjson.dumps(result.model_dump(mode="json")), headers={})
 
@@ -455,7 +486,7 @@ def encode_celery_reply(result: TrainingResult, task_name: str, origin: str) -> 
     """A Celery protocol-2 task message that a stock Celery worker executes.
 
     Celery needs the JSON content type and the full three-element body; without them its worker
-    crashes on the message, and again on every restart (NOTES.md).
+    crashes on the message, and again on every restart, as the message stays queued.
     """
     kwargs = {
         "deployflag_results": [

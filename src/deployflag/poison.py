@@ -3,6 +3,8 @@
 * :class:`FailureCounter` counts the unexpected failures (a bug, anything the flow does not
   classify) of one message across its redeliveries, so the catch-all parks it as
   ``internal_error`` after a few instead of requeueing it for ever.
+* :class:`Unrecorded` is a rejection parked without writing the request's row: the row belongs to
+  another body (:func:`id_conflict`), or writing it is what failed.
 * :func:`encodable_headers` turns the headers a message arrived with into headers that can be
   published again: pamqp decodes values it cannot encode (an invalid UTF-8 long string decodes to
   ``bytes``; a signed 8-bit negative integer is re-encoded as an unsigned octet and fails), and a
@@ -20,6 +22,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from pamqp import encode
+
+from deployflag.errors import InvalidRequest
+from deployflag.messages import Envelope
 
 MAX_UNEXPECTED_FAILURES = 3  # unexpected failures of one message before it is parked
 _REMEMBERED = 10_000  # messages whose failures are counted at once (oldest forgotten first)
@@ -73,6 +78,36 @@ class FailureCounter:
 
 def failure_key(request_id: str | None, message_id: str | None, body: bytes) -> tuple[str, str]:
     return (request_id or message_id or "", body_digest_sync(body))
+
+
+class Unrecorded(InvalidRequest):
+    """Parked (the copy names the request) without writing the request's row."""
+
+
+def internal_error(
+    exc: BaseException, count: int, request_id: str | None, repo_id: int | str | None
+) -> InvalidRequest:
+    """The rejection of a message that failed unexpectedly ``count`` times."""
+    error = f"{type(exc).__name__}: {exc} (failed unexpectedly {count} times)"
+    return InvalidRequest("internal_error", error, request_id, repo_id)
+
+
+def unrecorded(rejection: InvalidRequest) -> Unrecorded:
+    """The same rejection, parked without the database (when recording it is what fails)."""
+    return Unrecorded(rejection.reason, rejection.message, rejection.request_id, rejection.repo_id)
+
+
+def id_conflict(envelope: Envelope, known_repo_id: str | None) -> Unrecorded:
+    """A known request id with another body: parked, never answered with the other's result.
+    Not recorded: the row belongs to the first body."""
+    return Unrecorded(
+        "id_conflict",
+        f"request id {envelope.request_id!r} is already known with another body (stored for "
+        f"repo {known_repo_id!r}); this message is for repo {envelope.repo_id!r}, body "
+        f"sha256 {envelope.body_digest}",
+        envelope.request_id,
+        envelope.repo_id,
+    )
 
 
 def _encodes(value: Any) -> bool:

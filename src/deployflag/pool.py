@@ -9,6 +9,7 @@ happened so the attempt can be counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 from collections.abc import Callable
@@ -41,9 +42,18 @@ class JobTimeLimit(Exception):
 
 
 class WorkerPool:
-    def __init__(self, settings: Settings, on_rebuild: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_rebuild: Callable[[str], None] | None = None,
+        on_health: Callable[[bool], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._on_rebuild = on_rebuild
+        # Told False while a broken pool is replaced and when its replacement did not start,
+        # True once a pool has started (or a job has succeeded on it): readiness follows.
+        self._on_health = on_health or (lambda _: None)
+        self._healthy = False
         self._executor: ProcessPoolExecutor | None = None
         self._generation = 0
         self._causes: dict[int, str] = {}  # generation → why it was replaced
@@ -57,14 +67,6 @@ class WorkerPool:
         # loop, with numpy and scikit-learn already imported there (fast rebuilds).
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["deployflag.worker", "deployflag.pipeline.model"])
-
-    @property
-    def alive(self) -> bool:
-        return self._executor is not None
-
-    @property
-    def generation(self) -> int:
-        return self._generation
 
     def _new_executor(self) -> ProcessPoolExecutor:
         s = self._settings
@@ -90,6 +92,12 @@ class WorkerPool:
             await asyncio.to_thread(_kill, executor)
             raise
         self._executor = executor
+        self._set_health(True)
+
+    def _set_health(self, ok: bool) -> None:
+        if ok != self._healthy:
+            self._healthy = ok
+            self._on_health(ok)
 
     async def _warm(self, executor: ProcessPoolExecutor) -> None:
         """Start every worker now, so that no job's time limit pays for a worker's start."""
@@ -117,7 +125,7 @@ class WorkerPool:
             await self._rebuild(generation, "crash")
             raise WorkerCrashed(str(exc) or "the pool is broken") from None
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), time_limit)
+            value = await asyncio.wait_for(asyncio.wrap_future(future), time_limit)
         except TimeoutError:
             await self._rebuild(generation, "time_limit")
             raise JobTimeLimit(f"ran past the {time_limit:g} s time limit") from None
@@ -129,6 +137,8 @@ class WorkerPool:
             raise WorkerCrashed(
                 str(exc) or "a worker process died", collateral=collateral
             ) from None
+        self._set_health(True)  # a replacement that was slow to start has come up after all
+        return value
 
     async def _rebuild(self, generation: int, cause: str) -> None:
         """Replace the executor once per breakage, however many jobs noticed it."""
@@ -136,6 +146,7 @@ class WorkerPool:
             if generation != self._generation or self._executor is None:
                 return
             old, self._executor = self._executor, None
+            self._set_health(False)
             self._causes[generation] = cause
             self._generation += 1
             log.warning("pool rebuild", cause=cause, generation=self._generation)
@@ -146,14 +157,31 @@ class WorkerPool:
             try:
                 await self._warm(executor)
             except (BrokenProcessPool, TimeoutError) as exc:
-                # The next job finds out, and rebuilds again.
+                # Readiness stays false; the next job finds out, and rebuilds again.
                 log.warning("rebuilt pool did not start", error=str(exc) or type(exc).__name__)
+            else:
+                self._set_health(True)
             self._executor = executor
 
     async def close(self) -> None:
         if self._executor is not None:
             await asyncio.to_thread(_kill, self._executor)
             self._executor = None
+        self._set_health(False)
+
+
+async def discard(job: asyncio.Future[Any] | None) -> None:
+    """Let a job nobody needs finish, whatever its outcome: it is small, and cancelling it
+    would free its pool slot while its worker is still busy with it."""
+    if job is not None:
+        with contextlib.suppress(Exception):
+            await job
+
+
+def abandon(job: asyncio.Future[Any]) -> None:
+    """Cancel a job nobody will await, and keep its outcome out of the "never retrieved" log."""
+    job.cancel()
+    job.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _kill(executor: ProcessPoolExecutor) -> None:

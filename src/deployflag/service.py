@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+from collections.abc import Awaitable
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
@@ -21,9 +22,9 @@ from deployflag.broker import topology
 from deployflag.broker.connection import connect
 from deployflag.broker.publisher import Publisher
 from deployflag.errors import FatalError, TransientError
-from deployflag.exitcodes import RET_BROKER, RET_DATABASE, RET_OK
+from deployflag.exitcodes import RET_BROKER, RET_CONFIG, RET_DATABASE, RET_OK
 from deployflag.handler import MessageHandler
-from deployflag.health import Health, monitor_loop
+from deployflag.health import Health, mark_database, monitor_loop
 from deployflag.http import start_http, stop_http
 from deployflag.metrics import Metrics
 from deployflag.pool import WorkerPool
@@ -32,6 +33,7 @@ from deployflag.settings import Settings
 from deployflag.store.repository import Store
 
 log = logs.get_logger("deployflag.service")
+CLOSE_TIMEOUT = 10.0  # seconds for the broker connection to close
 # SIGHUP drains too: a closed terminal or a supervisor's hang-up must not kill in-flight work
 # (its default action exits at once, status 129, which systemd does not restart).
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -52,6 +54,8 @@ class Service:
         self._consumer_tag: str | None = None
         self._http: Any = None
         self._handler: MessageHandler | None = None
+        # The first FatalError met while serving: the service drains, stops, exits with its code.
+        self.fatal: FatalError | None = None
 
     # --- start --------------------------------------------------------------------------------
 
@@ -64,14 +68,12 @@ class Service:
         self._store = await self._open_store()
         if self._store is None:
             return  # a signal came while waiting
-        self.health.database_ok = True
-        self.metrics.database_ok.set(1)
+        mark_database(self.health, self.metrics, ok=True)
 
         self._background.append(asyncio.create_task(self._watch_database(self._store)))
 
-        self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild)
+        self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild, on_health=self._on_pool_health)
         await self._pool.start()
-        self.health.pool_alive = True
 
         if self.stopping.is_set():
             return
@@ -83,7 +85,14 @@ class Service:
         self._queue = await consume_channel.get_queue(s.training_queue, ensure=True)
         publisher = Publisher(publish_channel, declared.exchange, s)
         handler = MessageHandler(
-            s, self._store, self._pool, publisher, self.metrics, self.health, self.stopping
+            s,
+            self._store,
+            self._pool,
+            publisher,
+            self.metrics,
+            self.health,
+            self.stopping,
+            on_fatal=self.stop_for,
         )
         self._handler = handler
         self._connection.close_callbacks.add(self._on_connection_lost)
@@ -116,22 +125,28 @@ class Service:
             waited += delay
             delay = min(delay * 2, 5.0)
 
+    def stop_for(self, error: FatalError) -> None:
+        """Stop serving because of ``error``: drain, close, exit with its code."""
+        if self.fatal is None:
+            self.fatal = error
+            log.error("stopping on a fatal error", error=redact(str(error)), code=error.exit_code)
+        self.stopping.set()
+
     async def _watch_database(self, store: Store) -> None:
-        """Keep /readyz honest while no message touches the database."""
+        """Keep /readyz honest while no message touches the database; stop on a fatal error."""
         while True:
             await asyncio.sleep(self.settings.database_check_interval)
             try:
                 await store.ping()
-                ok = True
+            except FatalError as exc:
+                mark_database(self.health, self.metrics, ok=False, error=str(exc))
+                self.stop_for(exc)
+                return
             except Exception as exc:  # whatever it is, the database is not answering
-                ok, error = False, f"{type(exc).__name__}: {exc}"
-            if ok != self.health.database_ok:
-                if ok:
-                    log.info("database reachable again")
-                else:
-                    log.warning("database unreachable", error=error)
-                self.health.database_ok = ok
-                self.metrics.database_ok.set(1 if ok else 0)
+                error = f"{type(exc).__name__}: {exc}"
+                mark_database(self.health, self.metrics, ok=False, error=error)
+            else:
+                mark_database(self.health, self.metrics, ok=True)
 
     async def _connect(self) -> AbstractRobustConnection:
         delay, waited = 0.5, 0.0
@@ -146,7 +161,7 @@ class Service:
                     raise FatalError(
                         f"broker refused the credentials of "
                         f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
-                        78,
+                        RET_CONFIG,
                     ) from None
                 error = exc
             if waited >= self.settings.broker_connect_timeout or self.stopping.is_set():
@@ -186,6 +201,9 @@ class Service:
     def _on_pool_rebuild(self, cause: str) -> None:
         self.metrics.pool_rebuilds.labels(cause=cause).inc()
 
+    def _on_pool_health(self, ok: bool) -> None:
+        self.health.pool_alive = ok
+
     # --- stop ---------------------------------------------------------------------------------
 
     async def drain_and_close(self) -> None:
@@ -208,17 +226,26 @@ class Service:
         log.info("stopped")
 
     async def close(self) -> None:
+        """Close every part, each on its own: one that fails is logged, the rest still close."""
         for task in self._background:
             task.cancel()
-        if self._connection is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._connection.close(), 10)
+        await self._close_step("broker connection", self._close_connection())
         if self._pool is not None:
-            await self._pool.close()
-            self.health.pool_alive = False
+            await self._close_step("worker pool", self._pool.close())
         if self._store is not None:
-            await self._store.close()
-        await stop_http(self._http)
+            await self._close_step("database", self._store.close())
+        await self._close_step("HTTP endpoint", stop_http(self._http))
+
+    async def _close_connection(self) -> None:
+        if self._connection is not None:
+            await asyncio.wait_for(self._connection.close(), CLOSE_TIMEOUT)
+
+    @staticmethod
+    async def _close_step(part: str, closing: Awaitable[None]) -> None:
+        try:
+            await closing
+        except Exception as exc:  # closing anyway: nothing left to do about it but say so
+            log.warning("could not close cleanly", part=part, error=redact(f"{exc!r}"))
 
 
 async def serve(settings: Settings) -> int:
@@ -246,7 +273,7 @@ async def serve(settings: Settings) -> int:
             raise
         await service.stopping.wait()
         await service.drain_and_close()
-        return RET_OK
+        return service.fatal.exit_code if service.fatal is not None else RET_OK
     finally:
         for signum in DRAIN_SIGNALS:
             loop.remove_signal_handler(signum)

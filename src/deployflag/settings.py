@@ -6,6 +6,7 @@ Every field is read from ``DEPLOYFLAG_<FIELD>``; a few also answer to the origin
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from deployflag.pipeline.config import DEFAULT_PARAM_GRID, ModelSpec, PipelineConfig, Weights
+from deployflag.pipeline.config import (
+    DEFAULT_PARAM_GRID,
+    ModelSpec,
+    PipelineConfig,
+    Recency,
+    Scoring,
+    Weights,
+)
 from deployflag.redaction import redact
 
 ENV_PREFIX = "DEPLOYFLAG_"
@@ -189,10 +197,30 @@ class Settings(BaseSettings):
     retry_backoff_max: float = Field(30.0, gt=0, description="Longest retry delay, seconds.")
 
     # --- computation ------------------------------------------------------------------------
-    w1: float = Field(0.3, ge=0, le=1, description="Weight of the daily weighted fix rate.")
-    w2: float = Field(0.3, ge=0, le=1, description="Weight of the historical weighted fix rate.")
-    w3: float = Field(0.2, ge=0, le=1, description="Weight of the model's fix probability.")
-    w4: float = Field(0.2, ge=0, le=1, description="Weight of the severity.")
+    scoring: Scoring = Field(
+        "forecast",
+        description="forecast (ranks by a smoothed fix rate), or seed (the original's numbers).",
+    )
+    recency: Recency = Field(
+        "auto",
+        description="forecast: weigh recent events more? none, a half-life in days, or auto "
+        "(a per-request backtest picks none or 60).",
+    )
+    model_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="forecast: share of the model's fix probability in the weight (0: rate only).",
+    )
+    prior_strength: float = Field(
+        20.0, gt=0, description="forecast: pseudo-events of the severity group's rate."
+    )
+    w1: float = Field(0.3, ge=0, le=1, description="seed: weight of the daily weighted fix rate.")
+    w2: float = Field(
+        0.3, ge=0, le=1, description="seed: weight of the historical weighted fix rate."
+    )
+    w3: float = Field(0.2, ge=0, le=1, description="seed: weight of the model's fix probability.")
+    w4: float = Field(0.2, ge=0, le=1, description="seed: weight of the severity.")
     long_gap_days: int = Field(20, ge=0, description="days_after_last_fixed: 'Long' from here on.")
     model_estimator: Literal["HistGradientBoostingClassifier"] = Field(
         "HistGradientBoostingClassifier", description="scikit-learn estimator."
@@ -230,6 +258,22 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("recency", mode="before")
+    @classmethod
+    def _recency(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        text = value.strip().lower()
+        if text in ("auto", "none"):
+            return text
+        try:
+            days = float(text)
+        except ValueError:
+            raise ValueError("must be auto, none or a half-life in days") from None
+        if not (math.isfinite(days) and days > 0):
+            raise ValueError("a half-life must be a positive number of days (or none)")
+        return days
+
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
@@ -245,12 +289,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _derive(self) -> Settings:
-        total = self.w1 + self.w2 + self.w3 + self.w4
-        if abs(total - 1.0) > 1e-9:
+        try:  # the pipeline's own model says what valid weights are
+            Weights(w1=self.w1, w2=self.w2, w3=self.w3, w4=self.w4)
+        except ValidationError as exc:
+            problem = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
             raise ValueError(
-                f"DEPLOYFLAG_W1 + DEPLOYFLAG_W2 + DEPLOYFLAG_W3 + DEPLOYFLAG_W4 must sum to 1, "
-                f"not {total:g}"
-            )
+                f"DEPLOYFLAG_W1 + DEPLOYFLAG_W2 + DEPLOYFLAG_W3 + DEPLOYFLAG_W4: {problem}"
+            ) from None
         variable = "DEPLOYFLAG_DATABASE_URL" if self.database_url else "USE_DB/SQLITE_DB_PATH/PG_*"
         url = self.database_url.get_secret_value() if self.database_url else self._legacy_db_url()
         try:
@@ -294,6 +339,10 @@ class Settings(BaseSettings):
 
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(
+            scoring=self.scoring,
+            recency=self.recency,
+            model_weight=self.model_weight,
+            prior_strength=self.prior_strength,
             weights=Weights(w1=self.w1, w2=self.w2, w3=self.w3, w4=self.w4),
             long_gap_days=self.long_gap_days,
             model=ModelSpec(
@@ -315,6 +364,7 @@ class Settings(BaseSettings):
             "reply_format": self.reply_format,
             "job_time_limit": self.job_time_limit,
             "max_attempts": self.max_attempts,
+            "scoring": self.scoring,
         }
 
 

@@ -1,13 +1,18 @@
-"""Synthetic training requests in the exact shape of SPEC §3, for tests, examples and benchmarks.
+"""Synthetic training requests in the exact shape of the upstream's (docs/protocol.md), for
+tests, examples and benchmarks.
 
-The data carry a learnable signal. Each shortcode has a latent fix propensity set by its issue
-type and severity; on top of it a per-shortcode "heat" rises when the team fixes occurrences (or
-starts a clean-up) and fades over a couple of weeks. The default branch drops occurrences more
-often while hot, and a branch segment resolves some with a probability that grows with the heat
-at its start and with the number of occurrences. So recent fixes, type and severity all predict
-the label, and a model can beat a per-shortcode base rate.
+The data carry a learnable signal. Each shortcode has a latent fix propensity (log-odds) set by
+its issue type and severity plus noise; on top of it a per-shortcode "heat" rises when the team
+fixes occurrences (or starts a clean-up) and fades over a couple of weeks. The default branch
+drops occurrences more often while hot, and a branch segment resolves some with a probability
+that grows with the heat at its start and with the number of occurrences.
 
-    python -m deployflag.synthetic --size small --seed 1 [--never-fixed] [-o FILE]
+The propensity is the truth a scoring should rank by: :func:`generate_with_truth` returns it
+beside the payload (``--truth FILE`` writes it). With ``drift`` the propensity moves linearly
+over the time span, by a random amount per shortcode, and the truth is its value at the end.
+
+    python -m deployflag.synthetic --size small --seed 1 [--drift] [--never-fixed] [-o FILE]
+        [--truth FILE]
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ _TYPES = (
     ("Documentation", -1.3),
     ("Type check", 0.3),
     ("Coverage", -0.5),
-    ("Secrets", 0.6),  # not in §4.1's list: becomes "other"
+    ("Secrets", 0.6),  # not a known type: becomes "other"
 )
 _SEVERITIES = (("critical", 1.0), ("major", 0.4), ("minor", -0.4), ("info", -0.9))
 _HEAT_DAYS = 14.0  # how fast the urge to fix fades
@@ -87,10 +92,26 @@ def _times(rng: np.random.Generator, start: int, end: int, n: int) -> np.ndarray
     return t + np.arange(n)  # distinct even if two draws collide
 
 
-def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[str, Any]:
-    """A training request dict (SPEC §3) with every upstream field; timestamps without offset.
+DRIFT_SD = 1.5  # spread of a shortcode's change of propensity (log-odds) over the time span
+
+
+def generate(
+    size: Size, *, seed: int = 0, never_fixed: bool = False, drift: bool = False
+) -> dict[str, Any]:
+    """A training request dict with every upstream field; timestamps without offset.
 
     ``never_fixed`` gives a request in which no frequency ever drops: no model can be trained.
+    """
+    return generate_with_truth(size, seed=seed, never_fixed=never_fixed, drift=drift)[0]
+
+
+def generate_with_truth(
+    size: Size, *, seed: int = 0, never_fixed: bool = False, drift: bool = False
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """A request and each shortcode's true fix propensity (log-odds) at the end of its span.
+
+    Without ``drift`` the same seed gives the same payload as it always did: the drift draws
+    come from a generator of their own.
     """
     shape = _SHAPES[size]
     rng = np.random.default_rng(seed)
@@ -105,6 +126,10 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
     )
     start = int((_START - datetime(1970, 1, 1)) / timedelta(microseconds=1))
     end = start + shape.days * _US_PER_DAY
+    change = np.random.default_rng([seed, 1]).normal(0.0, DRIFT_SD, k) if drift else np.zeros(k)
+
+    def propensity_at(t: int) -> np.ndarray[Any, np.dtype[np.float64]]:
+        return np.asarray(propensity + change * ((t - start) / (end - start)), np.float64)
 
     # --- the default branch: one run covers every shortcode -------------------------------------
     n_hist_runs = math.ceil(shape.historical / k)
@@ -117,7 +142,8 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
         gap = 0.0 if r == 0 else (hist_t[r] - hist_t[r - 1]) / _US_PER_DAY
         h = h * math.exp(-gap / _HEAT_DAYS)
         h = np.where(rng.random(k) < 0.015, 1.0, h)  # a clean-up starts
-        p_drop = 0.0 if never_fixed else _sigmoid(propensity - 4.5 + 5.0 * h) * (f > 0)
+        now = propensity_at(int(hist_t[r]))
+        p_drop = 0.0 if never_fixed else _sigmoid(now - 4.5 + 5.0 * h) * (f > 0)
         drop = rng.random(k) < p_drop
         amount = 1 + rng.binomial(np.maximum(f - 1, 0), rng.beta(2.0, 3.0, k))
         grow = rng.random(k) < 0.12
@@ -153,7 +179,7 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
         at = max(int(np.searchsorted(hist_t, t[0], side="right")) - 1, 0)
         h0 = heat[at] * np.exp(-(t[0] - hist_t[at]) / _US_PER_DAY / _HEAT_DAYS)
         f0 = freq[at] + rng.poisson(0.5, k)
-        q = _sigmoid(propensity - 2.8 + 5.0 * h0 + 0.3 * np.log1p(f0))
+        q = _sigmoid(propensity_at(int(t[0])) - 2.8 + 5.0 * h0 + 0.3 * np.log1p(f0))
         fixes = (rng.random(k) < q) & (f0 > 0) & (not never_fixed)
         fix_at = rng.integers(1, m, k)
         seq = np.empty((m, k), dtype=np.int64)
@@ -165,7 +191,7 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
                 cur = np.where(fixes & (fix_at == i), cur - np.minimum(dropped, cur), cur)
             seq[i] = cur
         resolved = np.maximum(np.r_[seq[:1] * 0, seq[:-1] - seq[1:]], 0)
-        # A few runs carry no base_oid (never a segment's first): §4.2 drops them.
+        # A few runs carry no base_oid (never a segment's first): segmentation drops them.
         null = rng.random(m) < 0.05
         null[0] = False
         for i in range(m):
@@ -208,12 +234,14 @@ def generate(size: Size, *, seed: int = 0, never_fixed: bool = False) -> dict[st
             }
             for c in range(k)
         )
-    return {
+    payload = {
         "repo_id": REPO_ID,
         "default_branch_name": "master",
         "analysis_run": analysis[: shape.analysis],
         "historical_run": historical[: shape.historical],
     }
+    truth = dict(zip(codes, propensity_at(end).round(6).tolist(), strict=True))
+    return payload, truth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,9 +251,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=list(_SHAPES), default="small")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--never-fixed", action="store_true", help="no frequency ever drops")
+    parser.add_argument("--drift", action="store_true", help="propensities move over the time span")
     parser.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    parser.add_argument(
+        "--truth", type=Path, help="also write each shortcode's true propensity here (JSON)"
+    )
     args = parser.parse_args(argv)
-    body = orjson.dumps(generate(args.size, seed=args.seed, never_fixed=args.never_fixed))
+    payload, truth = generate_with_truth(
+        args.size, seed=args.seed, never_fixed=args.never_fixed, drift=args.drift
+    )
+    if args.truth is not None:
+        args.truth.write_bytes(orjson.dumps(truth, option=orjson.OPT_INDENT_2) + b"\n")
+    body = orjson.dumps(payload)
     if args.output is None:
         sys.stdout.buffer.write(body + b"\n")
     else:

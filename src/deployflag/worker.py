@@ -26,9 +26,11 @@ import structlog
 from deployflag import logs
 from deployflag.errors import InvalidRequest
 from deployflag.messages import (
+    MAX_ID_LENGTH,
     Computation,
     Decoded,
     Envelope,
+    TrainingRequest,
     check_shortcodes,
     decode,
     parse_request,
@@ -42,13 +44,16 @@ _limits: Any = None  # keeps threadpoolctl's limit alive for the life of the pro
 _memory_limited = False  # set by init_worker when RLIMIT_AS is in force
 _max_shortcodes = 0  # DEPLOYFLAG_MAX_SHORTCODES, set by init_worker (0: no cap)
 
-# Address space needed per byte of body, measured on synthetic payloads (docs/faults.md): orjson
-# peaks at 15.6 x the body while it parses (its document tree plus the Python objects), and the
-# whole request (parse, validate, compute) at about 17 x. Under RLIMIT_AS orjson and pydantic-core
-# (Rust) crash the process instead of raising MemoryError when an allocation fails, so the room
-# is checked before they run: a request that cannot fit is parked as memory_limit at once.
+# Address space needed per byte of body, measured on synthetic payloads with
+# benchmarks/worker_memory.py (docs/faults.md). Decoding with orjson peaks at about 15 x the body
+# (its document tree plus the Python objects); a request whose body is the plain JSON request is
+# validated by pydantic straight from the bytes instead, at about 6.3 x, compute included. Under
+# RLIMIT_AS orjson and pydantic-core (Rust) crash the process instead of raising MemoryError when
+# an allocation fails, so the room is checked before they run: a request that cannot fit is
+# parked as memory_limit at once.
 PARSE_SPACE_FACTOR = 16
-REQUEST_SPACE_FACTOR = 20
+REQUEST_SPACE_FACTOR = 20  # decode, then validate the decoded objects (Celery envelopes)
+JSON_REQUEST_SPACE_FACTOR = 8  # validate the body's bytes directly (plain JSON)
 MEMORY_LIMIT_MESSAGE = "the request needs more memory than DEPLOYFLAG_WORKER_MEMORY_LIMIT"
 
 
@@ -159,57 +164,74 @@ def ping() -> int:
 
 
 @dataclass(frozen=True)
-class Rejected:
-    """A delivery that is not a valid request: park it under this id with this reason."""
+class Job:
+    """What a worker needs of an AMQP delivery: small, picklable, no channel attached.
 
-    request_id: str
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """What a worker needs of an AMQP delivery: small, picklable, no channel attached."""
+    ``envelope``: what the event loop already recognised (from a small body or the headers), so
+    the worker does not parse the body again to rediscover it.
+    """
 
     body: bytes
     headers: Mapping[str, Any]
     message_id: str | None
     content_type: str | None
+    envelope: Envelope | None = None
+    presumed: bool = False  # the envelope was inferred from the properties, not decoded
 
 
-def fallback_id(delivery: Delivery) -> str:
+class EnvelopeMismatch(Exception):
+    """A body presumed to be a plain JSON request turned out to be another envelope."""
+
+    def __init__(self, envelope: Envelope) -> None:
+        super().__init__(f"the body is a {envelope.kind} envelope")
+        self.envelope = envelope
+
+    def __reduce__(self) -> tuple[type[EnvelopeMismatch], tuple[Envelope]]:
+        return (type(self), (self.envelope,))
+
+
+def presume_json(job: Job) -> Envelope | None:
+    """The envelope of a large body without a Celery task header, from its properties alone:
+    a plain JSON request under its message id. None when there is no usable id.
+
+    The body is then parsed once, by :func:`process`, instead of once to learn its envelope and
+    again to validate it. Should it not validate, :func:`process` decodes it to find out what it
+    is (a Celery protocol-1 message raises :class:`EnvelopeMismatch`).
+    """
+    rid = job.message_id
+    if "task" in job.headers or not rid or len(rid) > MAX_ID_LENGTH:
+        return None
+    return Envelope(kind="json", request_id=rid)
+
+
+def fallback_id(job: Job) -> str:
     """The best id for a message that could not be decoded (for the audit row and logs)."""
-    header_id = delivery.headers.get("id")
+    header_id = job.headers.get("id")
     if isinstance(header_id, str) and 0 < len(header_id) <= 255:
         return header_id
-    return delivery.message_id or hashlib.sha256(delivery.body).hexdigest()
+    return job.message_id or hashlib.sha256(job.body).hexdigest()
 
 
-def identify(
-    delivery: Delivery,
-    task_name: str,
-) -> Envelope | Rejected:
-    """Recognise the envelope and the request id, or say why the delivery is not a request."""
+def identify(job: Job, task_name: str) -> Envelope:
+    """Recognise the envelope and the request id; raise :class:`InvalidRequest` (naming the
+    best id there is) when the delivery is not a request."""
     try:
-        ensure_room(PARSE_SPACE_FACTOR * len(delivery.body))
-        return _decode(delivery, task_name).envelope
+        ensure_room(PARSE_SPACE_FACTOR * len(job.body))
+        return _decode(job, task_name).envelope
     except InvalidRequest as exc:
         reason, message = exc.reason, exc.message
     except MemoryError:
         reason, message = "memory_limit", MEMORY_LIMIT_MESSAGE
-    return Rejected(fallback_id(delivery), reason, message)
+    raise InvalidRequest(reason, message, fallback_id(job))
 
 
-def _decode(
-    delivery: Delivery,
-    task_name: str,
-) -> Decoded:
+def _decode(job: Job, task_name: str) -> Decoded:
     try:
         return decode(
-            delivery.body,
-            delivery.headers,
-            message_id=delivery.message_id,
-            content_type=delivery.content_type,
+            job.body,
+            job.headers,
+            message_id=job.message_id,
+            content_type=job.content_type,
             task_name=task_name,
         )
     except InvalidRequest as exc:
@@ -227,43 +249,48 @@ class Computed:
     pid: int
 
 
-def process(
-    delivery: Delivery,
-    task_name: str,
-    config: PipelineConfig,
-) -> Computed:
+def process(job: Job, task_name: str, config: PipelineConfig) -> Computed:
     """Decode, validate and compute one request. Raises InvalidRequest for bad data."""
     started = time.perf_counter()
     try:
-        ensure_room(REQUEST_SPACE_FACTOR * len(delivery.body))
-        computation = _process(delivery, task_name, config)
+        plain = job.envelope is not None and job.envelope.kind == "json"
+        factor = JSON_REQUEST_SPACE_FACTOR if plain else REQUEST_SPACE_FACTOR
+        ensure_room(factor * len(job.body))
+        computation = _process(job, task_name, config)
     except MemoryError:
         # Hit DEPLOYFLAG_WORKER_MEMORY_LIMIT, in any stage: this payload is too big for a worker.
         raise InvalidRequest("memory_limit", MEMORY_LIMIT_MESSAGE) from None
     return Computed(computation, time.perf_counter() - started, os.getpid())
 
 
-def _process(
-    delivery: Delivery,
-    task_name: str,
-    config: PipelineConfig,
-) -> Computation:
+def _request(job: Job, task_name: str) -> tuple[Envelope, TrainingRequest]:
+    """The validated request, parsing the body once."""
+    if job.envelope is not None and job.envelope.kind == "json":
+        # The body is the request: pydantic reads the bytes itself, without orjson's document
+        # tree and dicts (less memory at the peak, one parse instead of two).
+        try:
+            return job.envelope, parse_request(job.body)
+        except InvalidRequest:
+            if not job.presumed:
+                raise
+            ensure_room(PARSE_SPACE_FACTOR * len(job.body))
+            real = _decode(job, task_name).envelope  # raises its own reason for a non-request
+            if (real.kind, real.request_id) != (job.envelope.kind, job.envelope.request_id):
+                raise EnvelopeMismatch(real) from None
+            raise
+    decoded = _decode(job, task_name)
+    return decoded.envelope, validate_request(decoded.request)
+
+
+def _process(job: Job, task_name: str, config: PipelineConfig) -> Computation:
     from deployflag.pipeline import compute
 
     started = time.perf_counter()
-    decoded = _decode(delivery, task_name)
-    envelope = decoded.envelope
+    envelope, request = _request(job, task_name)
     with structlog.contextvars.bound_contextvars(
         request_id=envelope.request_id, repo_id=envelope.repo_id
     ):
         log = logs.get_logger("deployflag.worker")
-        if envelope.kind == "json":
-            # The body is the request: let pydantic read the bytes once the parsed copy is
-            # gone (less memory at the peak than validating the parsed dicts).
-            del decoded
-            request = parse_request(delivery.body)
-        else:
-            request = validate_request(decoded.request)
         # The result (and its reply, built in the main process) grows with the shortcodes.
         check_shortcodes(request, _max_shortcodes)
         try:

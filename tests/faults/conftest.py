@@ -16,13 +16,13 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import FaultRow
+from tests.faults.harness import FaultRow, Tally, metadata_ids
 from tests.faults.node import BrokerError, BrokerNode
 from tests.support.broker import ServiceProcess
 from tests.support.postgres import PostgresCluster
@@ -101,8 +101,22 @@ class FaultTable:
     def __init__(self, rows: list[FaultRow]) -> None:
         self._rows = rows
 
-    def add(self, row: FaultRow) -> FaultRow:
+    async def record(
+        self,
+        tally: Tally,
+        scenario: str,
+        services: Sequence[ServiceProcess],
+        **expected: int,
+    ) -> FaultRow:
+        """The scenario's row, added to the table, then checked: nothing lost, nothing trained
+        twice, and each ``expected`` column (``replies=1``, ``parked=0``…) as given. The
+        services share one database; the metadata rows are counted there."""
+        database_url = services[0].env["DEPLOYFLAG_DATABASE_URL"]
+        row = tally.row(scenario, await metadata_ids(database_url), services)
         self._rows.append(row)
+        assert row.lost == 0, row
+        assert row.duplicates == 0, row
+        assert {name: getattr(row, name) for name in expected} == expected, row
         return row
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,9 @@ from aio_pika.exceptions import DeliveryError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.support.broker import Names, ServiceProcess, async_wait_until
+from tests.support.broker import Names, ServiceProcess
+from tests.support.toolkit import async_wait_until, request_message
+from tests.support.toolkit import metric as read_metric
 
 QUEUE_KINDS = ("collect_data", "training", "save_result", "failed")
 
@@ -137,14 +138,7 @@ class Tally:
         """
         deadline = time.monotonic() + patience
         while True:
-            message = aio_pika.Message(
-                body=body,
-                message_id=message_id,
-                headers=headers or {},
-                content_type=content_type,
-                reply_to=reply_to,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            )
+            message = request_message(body, message_id, headers, content_type, reply_to)
             try:
                 # aiormq's timeout does not cover writing the frames, which can hang for ever
                 # on a connection that died under the publish: bound the whole call.
@@ -237,37 +231,9 @@ async def request_row(database_url: str, request_id: str) -> dict[str, Any] | No
         await engine.dispose()
 
 
-def metrics_text(service: ServiceProcess) -> str | None:
-    try:
-        url = f"http://127.0.0.1:{service.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return str(response.read().decode())
-    except OSError:
-        return None
-
-
 def metric(service: ServiceProcess, name: str, **labels: str) -> float | None:
-    """One sample from /metrics (None when the service or the series is not there)."""
-    body = metrics_text(service)
-    if body is None:
-        return None
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    series = f"{name}{{{want}}}" if want else name
-    for line in body.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if _normalise_series(key) == series:
-            return float(value)
-    return None
-
-
-def _normalise_series(key: str) -> str:
-    if "{" not in key:
-        return key
-    name, _, rest = key.partition("{")
-    parts = sorted(p for p in rest.rstrip("}").split(",") if p)
-    return f"{name}{{{','.join(parts)}}}"
+    """One sample from the service's /metrics (None when the service or the series is not there)."""
+    return read_metric(service.http_port, name, **labels)
 
 
 def in_flight(service: ServiceProcess) -> int:

@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support.broker import free_port
+from tests.support.toolkit import free_port
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBIT_HOME = Path("/var/lib/rabbitmq")  # the rabbitmq user's home: its Erlang cookie

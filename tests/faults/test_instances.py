@@ -16,8 +16,9 @@ import psutil
 import pytest
 
 from tests.faults.conftest import FaultTable
-from tests.faults.harness import Tally, busy_worker, descendants, in_flight, metadata_ids, ok_counts
-from tests.support.broker import Names, ServiceProcess, async_wait_until, wait_until
+from tests.faults.harness import Tally, busy_worker, descendants, in_flight, ok_counts
+from tests.support.broker import Names, ServiceProcess
+from tests.support.toolkit import async_wait_until, wait_until
 
 pytestmark = [
     pytest.mark.faults,
@@ -66,13 +67,14 @@ async def test_instance_killed_mid_training_while_another_runs(
         _, alive = psutil.wait_procs(orphans, timeout=30)
         assert not alive, f"processes left behind by the killed instance: {alive}"
         await tally.settle(timeout=180)
-        rows = await metadata_ids(pg_env["DEPLOYFLAG_DATABASE_URL"])
-        row = fault_table.add(
-            tally.row("a. instance SIGKILLed mid-training, 2nd on", rows, [victim, survivor])
+        await fault_table.record(
+            tally,
+            "a. instance SIGKILLed mid-training, 2nd on",
+            [victim, survivor],
+            replies=8,
+            rows=8,
+            parked=0,
         )
-    assert row.lost == 0
-    assert row.duplicates == 0
-    assert (row.replies, row.rows, row.parked) == (8, 8, 0)
     assert survivor.is_ready()
 
 
@@ -125,17 +127,14 @@ async def test_sigterm_finishes_or_hands_back_and_a_second_sigterm_exits_at_once
         # 3. A third instance takes over what was handed back or never taken.
         third = start_service(pg_env, DEPLOYFLAG_WORKERS="2")
         await tally.settle(timeout=180)
-        rows = await metadata_ids(pg_env["DEPLOYFLAG_DATABASE_URL"])
-        row = fault_table.add(
-            tally.row(
-                "g. SIGTERM in flight; 2nd SIGTERM exits at once; 3rd instance drains",
-                rows,
-                [first, second, third],
-            )
+        await fault_table.record(
+            tally,
+            "g. SIGTERM in flight; 2nd SIGTERM exits at once; 3rd instance drains",
+            [first, second, third],
+            replies=23,
+            rows=23,
+            parked=0,
         )
-    assert row.lost == 0
-    assert row.duplicates == 0
-    assert (row.replies, row.rows, row.parked) == (23, 23, 0)
 
 
 async def test_three_instances_share_the_work_and_train_each_request_once(
@@ -152,11 +151,14 @@ async def test_three_instances_share_the_work_and_train_each_request_once(
         for i in range(300):
             await tally.publish(sample_payload, message_id=f"req-{i:03d}")
         await tally.settle(timeout=300)
-        rows = await metadata_ids(pg_env["DEPLOYFLAG_DATABASE_URL"])
-        row = fault_table.add(tally.row("h. three instances, 300 requests", rows, services))
-    assert row.lost == 0
-    assert row.duplicates == 0
-    assert (row.replies, row.rows, row.parked) == (300, 300, 0)
+        await fault_table.record(
+            tally,
+            "h. three instances, 300 requests",
+            services,
+            replies=300,
+            rows=300,
+            parked=0,
+        )
     per_instance = [sum(ok_counts([s]).values()) for s in services]
     assert all(n > 0 for n in per_instance), per_instance
     assert sum(per_instance) == 300

@@ -17,18 +17,14 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.support.broker import (
-    Names,
-    ServiceProcess,
-    Upstream,
-    async_wait_until,
-)
+from tests.support.broker import Names, ServiceProcess, Upstream
 from tests.support.celery_upstream import TRAINING_TASK, make_app
+from tests.support.toolkit import async_wait_until
 
 pytestmark = pytest.mark.rabbitmq
 ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
-    "deployflag_results": [{"issue_shortcode": "PYL-W0611", "issue_weight": 41}],
+    "deployflag_results": [{"issue_shortcode": "PYL-W0611", "issue_weight": 95}],
     "repo_id": 42,
 }
 
@@ -153,4 +149,4 @@ async def test_kwargs_form_and_json_reply_format_override(
     await upstream.publish(body, headers={"task": TRAINING_TASK, "id": "celery-kw-1"})
     [reply] = await upstream.drain("save_result", 1, timeout=60)
     assert reply.correlation_id == "celery-kw-1"
-    assert orjson.loads(reply.body)["scores"][0]["issue_weight"] == 41
+    assert orjson.loads(reply.body)["scores"][0]["issue_weight"] == 95

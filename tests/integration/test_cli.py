@@ -13,8 +13,9 @@ import orjson
 import pytest
 
 from deployflag import exitcodes
-from tests.support.broker import ServiceProcess, free_port
+from tests.support.broker import ServiceProcess
 from tests.support.postgres import PostgresCluster
+from tests.support.toolkit import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = ROOT / "examples" / "worked-example.json"
@@ -60,15 +61,58 @@ def test_run_prints_the_weights_of_the_worked_example() -> None:
     done = deployflag("run", str(WORKED))
     assert done.returncode == 0, done.stderr
     result = orjson.loads(done.stdout)
-    assert result["scores"][0]["issue_weight"] == 41
+    # Forecast scoring by default (docs/scoring.md works the example through)
+    assert result["scoring"] == "forecast"
+    assert result["scores"][0]["issue_weight"] == 95
     assert result["request_id"]  # the SHA-256 of the body by default
+
+
+def test_run_with_seed_scoring_gives_the_originals_weight() -> None:
+    done = deployflag("run", str(WORKED), env={"DEPLOYFLAG_SCORING": "seed"})
+    assert done.returncode == 0, done.stderr
+    result = orjson.loads(done.stdout)
+    assert (result["scoring"], result["scores"][0]["issue_weight"]) == ("seed", 41)
+
+
+def test_a_bad_recency_stops_with_the_variable_named() -> None:
+    done = deployflag("run", str(WORKED), env={"DEPLOYFLAG_RECENCY": "soon"})
+    assert done.returncode == 78
+    assert "DEPLOYFLAG_RECENCY" in one_line_error(done)
+
+
+def test_backtest_says_when_a_payload_is_too_small() -> None:
+    done = deployflag("backtest", str(WORKED))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines()[-1].startswith("verdict: too small for a verdict")
+
+
+def test_backtest_json_lists_every_candidate(tmp_path: Path) -> None:
+    payload = tmp_path / "reference.json"
+    assert (
+        deployflag("generate", "--size", "reference", "--seed", "3", "-o", str(payload)).returncode
+        == 0
+    )
+    done = deployflag("backtest", str(payload), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    report = orjson.loads(done.stdout)
+    assert report["enough_data"] is True
+    assert len(report["candidates"]) == 10
+    assert report["verdict"]
+
+
+def test_backtest_of_an_invalid_payload_is_one_line_and_exit_65(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"repo_id": 1, "analysis_run": []}')
+    done = deployflag("backtest", str(bad))
+    assert done.returncode == 65
+    assert "missing_field" in one_line_error(done)
 
 
 def test_run_reads_standard_input() -> None:
     done = deployflag("run", "-", "--compact", stdin=WORKED.read_bytes())
     assert done.returncode == 0
     assert done.stdout.count(b"\n") == 1
-    assert orjson.loads(done.stdout)["scores"][0]["issue_weight"] == 41
+    assert orjson.loads(done.stdout)["scores"][0]["issue_weight"] == 95
 
 
 def test_run_unreadable_file_is_one_line_and_exit_66(tmp_path: Path) -> None:
@@ -170,7 +214,7 @@ def test_submit_wait_prints_the_replies_of_a_running_service(
     assert done.returncode == 0, done.stderr
     replies = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert len(replies) == 3
-    assert {r["scores"][0]["issue_weight"] for r in replies} == {41}
+    assert {r["scores"][0]["issue_weight"] for r in replies} == {95}
     assert service.is_ready()
 
 

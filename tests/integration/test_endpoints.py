@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 import uuid
 from collections.abc import Callable
 
 import pytest
 
-from tests.support.broker import ServiceProcess, Upstream, async_wait_until, wait_until
+from tests.support.broker import ServiceProcess, Upstream
 from tests.support.postgres import PostgresCluster
+from tests.support.toolkit import async_wait_until, read_metrics, wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
 
 def scrape(service: ServiceProcess) -> dict[str, float]:
     """Every sample of /metrics as {'name{labels}': value}."""
-    url = f"http://127.0.0.1:{service.http_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    samples = read_metrics(service.http_port)
+    assert samples is not None, "/metrics did not answer"
+    flat = {}
+    for name, series in samples.items():
+        for labels, value in series.items():
+            inner = ",".join(f'{k}="{v}"' for k, v in labels)
+            flat[f"{name}{{{inner}}}" if labels else name] = value
+    return flat
 
 
 async def test_ready_only_once_the_consumer_is_registered(

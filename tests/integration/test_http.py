@@ -23,13 +23,7 @@ from deployflag.healthcheck import check, readyz_url
 from deployflag.http import bound_port, start_http, stop_http
 from deployflag.metrics import Metrics
 from deployflag.settings import Settings, load_settings
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.support.toolkit import free_port
 
 
 class Endpoint:

@@ -47,7 +47,7 @@ async def test_a_poison_message_is_parked_and_the_request_behind_it_answered(
     # Then the valid request is answered
     [reply] = await upstream.drain("save_result", 1, timeout=90)
     assert reply.correlation_id == valid_id
-    assert orjson.loads(reply.body)["scores"][0]["issue_weight"] == 41
+    assert orjson.loads(reply.body)["scores"][0]["issue_weight"] == 95  # forecast scoring
     # And the poison message is parked once, with its reason, and its cause said
     [parked] = await upstream.drain("failed", 1, timeout=30)
     headers = parked.headers

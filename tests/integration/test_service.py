@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,8 @@ from deployflag.handler import INLINE_DECODE_BYTES
 from deployflag.settings import load_settings
 from deployflag.store import Store
 from deployflag.submit import celery_message
-from tests.support.broker import Names, ServiceProcess, Upstream, async_wait_until, rabbitmqctl
+from tests.support.broker import Names, ServiceProcess, Upstream
+from tests.support.toolkit import async_wait_until, metric, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -35,7 +35,7 @@ def metadata_rows(env: dict[str, str]) -> list[tuple[Any, ...]]:
     path = env["DEPLOYFLAG_DATABASE_URL"].split("///", 1)[1]
     with sqlite3.connect(path) as db:
         return db.execute(
-            "SELECT request_id, repo_id, number_of_training_data_rows "
+            "SELECT request_id, repo_id, number_of_training_data_rows, scoring "
             "FROM model_performance_metadata"
         ).fetchall()
 
@@ -53,10 +53,10 @@ async def test_json_request_gets_json_reply_with_spec_weights_and_one_metadata_r
 ) -> None:
     # Given a running service
     start_service(service_env)
-    # When the upstream publishes the worked example of SPEC §4.5 as plain JSON
+    # When the upstream publishes the worked example (docs/scoring.md) as plain JSON
     request_id = str(uuid.uuid4())
     await upstream.publish(WORKED, message_id=request_id)
-    # Then one JSON reply arrives on the result queue with the weights of the SPEC
+    # Then one JSON reply arrives on the result queue with the forecast scoring's weights
     [reply] = await upstream.drain("save_result", 1, timeout=60)
     assert reply.content_type == "application/json"
     assert reply.correlation_id == request_id
@@ -66,13 +66,30 @@ async def test_json_request_gets_json_reply_with_spec_weights_and_one_metadata_r
     assert result["status"] == "ok"
     [score] = result["scores"]
     assert score["issue_shortcode"] == "PYL-W0611"
-    assert score["issue_weight"] == 41
+    assert (score["issue_weight"], score["fix_rate"], score["events"]) == (95, 0.2543, 5)
     assert score["daily_weighted_fix_rate"] == 0.5714
     assert score["historical_weighted_fix_rate"] == 0.4
-    assert result["model"]["trained"] is False
-    assert result["model"]["skipped_reason"]
-    # And exactly one metadata row was recorded for it
-    assert [row[0] for row in metadata_rows(service_env)] == [request_id]
+    assert result["scoring"] == "forecast"
+    assert result["model"]["estimator"] == "LogisticRegression"
+    # And exactly one metadata row was recorded for it, naming the scoring
+    assert [(row[0], row[3]) for row in metadata_rows(service_env)] == [(request_id, "forecast")]
+
+
+async def test_seed_scoring_answers_with_the_originals_weights(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+) -> None:
+    # Given a service set to the seed scoring
+    start_service({**service_env, "DEPLOYFLAG_SCORING": "seed"})
+    # When the worked example arrives
+    await upstream.publish(WORKED, message_id="seed-1")
+    # Then its weight is the original computation's 41, and the metadata row says seed
+    [reply] = await upstream.drain("save_result", 1, timeout=60)
+    result = orjson.loads(reply.body)
+    assert (result["scoring"], result["scores"][0]["issue_weight"]) == ("seed", 41)
+    assert result["model"]["skipped_reason"] == "one_class"
+    assert [(row[0], row[3]) for row in metadata_rows(service_env)] == [("seed-1", "seed")]
 
 
 async def test_reply_to_and_correlation_id_are_honoured(
@@ -88,7 +105,7 @@ async def test_reply_to_and_correlation_id_are_honoured(
     )
     await message.ack()
     assert message.correlation_id == "req-reply-to"
-    assert orjson.loads(message.body)["scores"][0]["issue_weight"] == 41
+    assert orjson.loads(message.body)["scores"][0]["issue_weight"] == 95
     assert await upstream.count("save_result") == 0
 
 
@@ -308,16 +325,8 @@ async def test_broker_restart_reconnects_and_re_registers_the_consumer(
 
 def in_flight(service: ServiceProcess) -> int:
     """The service's in-flight gauge, read from /metrics (-1 when unreachable)."""
-    try:
-        url = f"http://127.0.0.1:{service.http_port}/metrics"
-        with urllib.request.urlopen(url, timeout=2) as response:
-            text = response.read().decode()
-    except OSError:
-        return -1
-    for line in text.splitlines():
-        if line.startswith("deployflag_in_flight "):
-            return int(float(line.split()[1]))
-    return -1
+    value = metric(service.http_port, "deployflag_in_flight")
+    return -1 if value is None else int(value)
 
 
 async def test_quorum_queues_are_one_setting_away(

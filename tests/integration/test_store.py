@@ -1,5 +1,5 @@
-"""The Store's queries on real SQLite and PostgreSQL (SPEC §6, §7): de-duplication, attempts,
-versioned rows, and the original's debugging queries."""
+"""The Store's queries on real SQLite and PostgreSQL: de-duplication, attempts, versioned rows,
+and the original's debugging queries (docs/database.md)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.support.store import FINISHED_AT, Database, database, make_result, re
 
 __all__ = ["database"]  # the fixture, imported so that every test here runs on both backends
 
-CONFIG = PipelineConfig()
+CONFIG = PipelineConfig(scoring="seed")  # make_result's results are the seed scoring's
 
 
 @pytest.fixture
@@ -115,6 +115,32 @@ async def test_record_result_writes_versioned_rows_and_metadata(store: Store) ->
     assert row["received_at"].tzinfo is UTC
 
 
+async def test_the_metadata_row_records_the_scoring_half_life_and_blend(store: Store) -> None:
+    # Given a forecast result with a 60-day half-life and a 0.2 blend
+    seed = make_result("seed-row")
+    base = make_result("forecast-row", estimator="LogisticRegression")
+    model = base.model.model_copy(update={"half_life_days": 60.0, "blend_weight": 0.2})
+    forecast = base.model_copy(update={"scoring": "forecast", "model": model})
+    # When both are recorded, each under its own scoring's configuration
+    await store.record_result(seed, CONFIG)
+    await store.record_result(forecast, PipelineConfig())
+    # Then each metadata row says which scoring produced it
+    rows = await query(
+        store,
+        "SELECT m.request_id, m.scoring, m.half_life_days, m.blend_weight, g.parameters "
+        "FROM model_performance_metadata m JOIN grid_search_parameter g "
+        "ON g.id = m.grid_search_model_parameters_id ORDER BY m.request_id",
+    )
+    assert [
+        (r["request_id"], r["scoring"], r["half_life_days"], r["blend_weight"]) for r in rows
+    ] == [
+        ("forecast-row", "forecast", 60.0, 0.2),
+        ("seed-row", "seed", None, None),
+    ]
+    # And the forecast row points at the logistic regression's definition
+    assert '"LogisticRegression"' in rows[0]["parameters"]
+
+
 async def test_original_debugging_queries_show_the_rows(store: Store, database: Database) -> None:
     await store.record_result(make_result("req-5", roc_auc=None, precision=None), CONFIG)
 
@@ -202,7 +228,7 @@ async def test_a_parked_request_can_still_finish(store: Store) -> None:
 
 
 async def test_new_versions_get_new_rows(store: Store) -> None:
-    other = PipelineConfig(model=ModelSpec(param_grid={"max_depth": [3, 5]}))
+    other = PipelineConfig(scoring="seed", model=ModelSpec(param_grid={"max_depth": [3, 5]}))
     await store.record_result(make_result("v1"), CONFIG)
     await store.record_result(make_result("v2"), other)
     await store.record_result(make_result("v3", estimator="OtherClassifier"), other)

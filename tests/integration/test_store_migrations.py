@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import make_url
 
 from deployflag.store import migrate
@@ -41,10 +41,57 @@ async def table_names(database: Database) -> set[str]:
     return set(names)
 
 
-async def test_head_is_the_request_digest_revision() -> None:
+async def test_head_is_the_latest_revision() -> None:
     assert migrate.head() == "0003"
-    assert {"0001", "0003"} <= migrate.known_revisions()
+    assert migrate.known_revisions() == {"0001", "0002", "0003"}
     assert (migrate.migrations_dir() / "env.py").is_file()
+
+
+async def test_rows_older_than_the_scoring_column_say_seed(database: Database) -> None:
+    # Given a database at the initial revision with one metadata row in it
+    settings = database.settings()
+    await migrate.upgrade(settings, "0001")
+    engine = create_engine(settings)
+    now = "2021-01-01 00:00:00"
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO model_framework (id, version, model_name, model_version, "
+                    f"created_at) VALUES (1, 'x:1', 'x', '1', '{now}')"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO grid_search_parameter (id, version, objective, eval_metric, "
+                    f"parameters, created_at) VALUES (1, 'g', 'o', 'e', '{{}}', '{now}')"
+                )
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO model_performance_metadata (repo_id, training_time, "
+                    "number_of_training_data_rows, w1_daily_weighted_fix_rate, "
+                    "w2_historical_weighted_fix_rate, w3_fix_probability, w4_severity, "
+                    "last_training, model_framework_id, grid_search_model_parameters_id, "
+                    "deployflag_version, created_at, request_id) VALUES ('42', 0.1, 3, 0.3, "
+                    f"0.3, 0.2, 0.2, '{now}', 1, 1, '1.0', '{now}', 'old')"
+                )
+            )
+        # When it is migrated to head
+        await migrate.upgrade(settings)
+        # Then the old row was computed by the seed scoring, without half-life or blend
+        async with engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        "SELECT scoring, half_life_days, blend_weight "
+                        "FROM model_performance_metadata WHERE request_id = 'old'"
+                    )
+                )
+            ).one()
+    finally:
+        await engine.dispose()
+    assert tuple(row) == ("seed", None, None)
 
 
 async def test_upgrade_downgrade_upgrade(database: Database) -> None:
@@ -140,7 +187,6 @@ async def test_a_failed_migration_changes_nothing(database: Database, tmp_path: 
     scripts = tmp_path / "migrations"
     shutil.copytree(migrate.migrations_dir(), scripts, ignore=shutil.ignore_patterns("__pycache__"))
     head = migrate.head()
-    # A broken revision after this build's head (any number of real revisions before it).
     (scripts / "versions" / "9999_broken.py").write_text(BROKEN_REVISION.replace("{head}", head))
     settings = database.settings(migrations_dir=scripts)
     await migrate.upgrade(settings, head)

@@ -15,8 +15,9 @@ from sqlalchemy import text
 from deployflag.errors import FatalError, TransientError
 from deployflag.settings import load_settings
 from deployflag.store import Store, migrate
-from tests.support.postgres import PostgresCluster, free_port
+from tests.support.postgres import PostgresCluster
 from tests.support.store import Database, database
+from tests.support.toolkit import free_port
 
 __all__ = ["database"]  # the fixture, imported so that every test here runs on both backends
 

@@ -10,103 +10,31 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
+from tests.support.toolkit import Names, Proc, free_port, request_message, vhost, wait_until
+
 RABBIT_HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail with ``what`` on timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(every)
-
-
-async def async_wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, every: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(every)
-
-
-def rabbitmqctl(*args: str) -> str:
-    if shutil.which("rabbitmqctl") is None:
-        pytest.fail("rabbitmqctl not found: run `scripts/services.sh test-deps` (make test does)")
-    done = subprocess.run(
-        ["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=60, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 @pytest.fixture(scope="session")
 def rabbit_url() -> Iterator[str]:
     """An AMQP URL on a vhost of this test session's own."""
-    vhost = f"deployflag-test-{uuid.uuid4().hex[:8]}"
     try:
-        rabbitmqctl("add_vhost", vhost)
+        with vhost("deployflag-test", f"{RABBIT_HOST}:5672") as url:
+            yield url
     except RuntimeError as exc:
         pytest.fail(f"RabbitMQ is not usable ({exc}): run `scripts/services.sh rabbitmq`")
-    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@{RABBIT_HOST}:5672/{vhost}"
-    rabbitmqctl("delete_vhost", vhost)
-
-
-@dataclass(frozen=True)
-class Names:
-    """Unique exchange and queue names for one test."""
-
-    suffix: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-
-    @property
-    def exchange(self) -> str:
-        return f"deployflag-{self.suffix}"
-
-    def queue(self, kind: str) -> str:
-        return f"deployflag_{kind}-{self.suffix}"
-
-    def env(self) -> dict[str, str]:
-        return {
-            "DEPLOYFLAG_EXCHANGE": self.exchange,
-            "DEPLOYFLAG_COLLECT_QUEUE": self.queue("collect_data"),
-            "DEPLOYFLAG_TRAINING_QUEUE": self.queue("training"),
-            "DEPLOYFLAG_RESULT_QUEUE": self.queue("save_result"),
-            "DEPLOYFLAG_FAILED_QUEUE": self.queue("failed"),
-        }
 
 
 @pytest.fixture
@@ -121,17 +49,15 @@ class ServiceProcess:
         self.env = env
         self.log_path = log_path
         self.http_port = int(env["DEPLOYFLAG_HTTP_PORT"])
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.runner: Proc | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        return None if self.runner is None else self.runner.popen
 
     def start(self) -> ServiceProcess:
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deployflag", "serve"],
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # signals from the test reach only this process
-        )
+        argv = [sys.executable, "-m", "deployflag", "serve"]
+        self.runner = Proc("deployflag serve", argv, self.env, self.log_path)
         return self
 
     def readyz(self) -> tuple[int, dict[str, Any]] | None:
@@ -159,28 +85,27 @@ class ServiceProcess:
         return self
 
     def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
+        assert self.runner is not None
+        self.runner.signal(signum)
 
     def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
+        assert self.runner is not None
+        return self.runner.wait(timeout)
 
     def stop(self, timeout: float = 90) -> int:
         """SIGTERM and wait; returns the exit code."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        assert self.runner is not None
+        if self.runner.alive():
+            self.runner.signal(signal.SIGTERM)
         try:
-            return self.proc.wait(timeout=timeout)
+            return self.runner.wait(timeout)
         finally:
-            self._log.close()
+            self.runner.close_log()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # The whole session: the service and its pool's workers.
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
+        """SIGKILL to the service and its pool's workers."""
+        if self.runner is not None:
+            self.runner.kill()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -263,14 +188,7 @@ class Upstream:
         content_type: str | None = "application/json",
         reply_to: str | None = None,
     ) -> None:
-        message = aio_pika.Message(
-            body=body,
-            message_id=message_id,
-            headers=headers or {},
-            content_type=content_type,
-            reply_to=reply_to,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
+        message = request_message(body, message_id, headers, content_type, reply_to)
         await self.exchange.publish(message, routing_key=self.names.queue("training"))
 
     async def drain(self, kind: str, count: int, timeout: float) -> list[aio_pika.IncomingMessage]:

@@ -19,7 +19,6 @@ import pwd
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import URL
+
+from tests.support.toolkit import free_port
 
 PG_ROOT = Path("/usr/lib/postgresql")
 START_TIMEOUT = 60.0  # seconds for the server to accept connections
@@ -53,13 +54,6 @@ def find_bindir() -> Path | None:
     if found and (Path(found).parent / "initdb").is_file():
         return Path(found).parent
     return None
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PostgresCluster:

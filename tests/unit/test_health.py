@@ -5,21 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
 
 import pytest
 
 from deployflag.health import Health, monitor_loop
 from deployflag.metrics import Metrics
 from deployflag.settings import load_settings
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met within the timeout")
-        await asyncio.sleep(0.01)
+from tests.support.toolkit import async_wait_until
 
 
 def test_ready_only_when_every_part_is() -> None:
@@ -85,14 +77,14 @@ async def test_monitor_records_a_stalled_loop() -> None:
         return samples() - (below or 0)
 
     try:
-        await wait_until(lambda: samples() >= 2)
+        await async_wait_until(lambda: samples() >= 2, 5, "two lag samples")
         assert over_100ms() == 0
 
         # When the loop is blocked for 0.3 s (the stall under test, not a wait)
         time.sleep(0.3)  # noqa: ASYNC251
 
         # Then the monitor's next wake-up records it, in the histogram and in the gauge
-        await wait_until(lambda: over_100ms() >= 1)
+        await async_wait_until(lambda: over_100ms() >= 1, 5, "the stall recorded")
         assert health.lag_max() >= 0.2
         gauge = metrics.registry.get_sample_value("deployflag_event_loop_lag_max_seconds")
         assert gauge is not None

@@ -41,6 +41,10 @@ def test_no_rows() -> None:
         "roc_auc": None,
         "precision": None,
         "training_rows": 0,
+        # Forecast scoring's fields stay null under seed scoring.
+        "half_life_days": None,
+        "blend_weight": None,
+        "backtest_spearman": None,
     }
 
 

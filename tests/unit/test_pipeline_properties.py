@@ -19,6 +19,11 @@ from deployflag.pipeline.config import PipelineConfig
 from tests.unit.rows import at, build_events, one_thread
 
 CONFIG = PipelineConfig()
+BOTH = pytest.mark.parametrize(
+    "config",
+    [PipelineConfig(scoring="seed"), PipelineConfig(scoring="forecast")],
+    ids=["seed", "forecast"],
+)
 # One type and severity per shortcode: otherwise a shuffle would change which row is "first".
 SHORTCODES = {
     "PYL-W0611": ("Anti-pattern", "major"),
@@ -78,7 +83,7 @@ def payloads(draw: st.DrawFn, max_rows: int = 40) -> dict[str, Any]:
     return {"repo_id": 7, "analysis_run": analysis, "historical_run": historical}
 
 
-def weights(result: Computation) -> list[tuple[str, int, float, float, float, int]]:
+def weights(result: Computation) -> list[tuple[Any, ...]]:
     return [
         (
             s.issue_shortcode,
@@ -87,6 +92,8 @@ def weights(result: Computation) -> list[tuple[str, int, float, float, float, in
             s.daily_weighted_fix_rate,
             s.historical_weighted_fix_rate,
             s.severity_score,
+            s.fix_rate,
+            s.events,
         )
         for s in result.scores
     ]
@@ -103,10 +110,14 @@ def test_events_are_well_formed(payload: dict[str, Any]) -> None:
     assert int(ev.daily.sum()) <= len(payload["analysis_run"])
 
 
+@BOTH
 @settings(max_examples=40, deadline=None)
-@given(payloads())
-def test_scores_are_in_range_and_cover_every_shortcode(payload: dict[str, Any]) -> None:
-    result = compute(validate_request(payload), CONFIG)
+@given(payload=payloads())
+def test_scores_are_in_range_and_cover_every_shortcode(
+    config: PipelineConfig, payload: dict[str, Any]
+) -> None:
+    result = compute(validate_request(payload), config)
+    assert result.scoring == config.scoring
     seen = {r["shortcode"] for r in payload["analysis_run"] + payload["historical_run"]}
     assert sorted(s.issue_shortcode for s in result.scores) == sorted(seen)
     for s in result.scores:
@@ -114,33 +125,39 @@ def test_scores_are_in_range_and_cover_every_shortcode(payload: dict[str, Any]) 
         assert 0.0 <= s.fix_probability <= 1.0
         assert 0.0 <= s.daily_weighted_fix_rate <= 1.0
         assert 0.0 <= s.historical_weighted_fix_rate <= 1.0
+        assert s.fix_rate is None if config.scoring == "seed" else 0.0 <= s.fix_rate <= 1.0
+        assert s.events >= 0
     keys = [(-s.issue_weight, s.issue_shortcode) for s in result.scores]
     assert keys == sorted(keys)
     if result.model.roc_auc is not None:
         assert 0.0 <= result.model.roc_auc <= 1.0
 
 
+@BOTH
 @settings(max_examples=25, deadline=None)
-@given(payloads(), st.randoms(use_true_random=False))
-def test_deterministic_and_shuffle_invariant(payload: dict[str, Any], rnd: Any) -> None:
-    first = compute(validate_request(payload), CONFIG)
-    again = compute(validate_request(payload), CONFIG)
+@given(payload=payloads(), rnd=st.randoms(use_true_random=False))
+def test_deterministic_and_shuffle_invariant(
+    config: PipelineConfig, payload: dict[str, Any], rnd: Any
+) -> None:
+    first = compute(validate_request(payload), config)
+    again = compute(validate_request(payload), config)
     assert weights(again) == weights(first)
     shuffled = dict(payload)
     for key in ("analysis_run", "historical_run"):
         rows = list(payload[key])
         rnd.shuffle(rows)
         shuffled[key] = rows
-    other = compute(validate_request(shuffled), CONFIG)
+    other = compute(validate_request(shuffled), config)
     assert weights(other) == weights(first)
     assert other.model.model_dump(exclude={"training_seconds"}) == first.model.model_dump(
         exclude={"training_seconds"}
     )
 
 
-def test_empty_lists_give_an_empty_result() -> None:
+@BOTH
+def test_empty_lists_give_an_empty_result(config: PipelineConfig) -> None:
     body = orjson.dumps({"repo_id": "r-1", "analysis_run": [], "historical_run": []})
-    result = run(body, CONFIG)
+    result = run(body, config)
     assert result.repo_id == "r-1"
     assert result.scores == []
     assert (result.model.trained, result.model.skipped_reason) == (False, "no_rows")

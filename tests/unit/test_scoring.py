@@ -1,4 +1,4 @@
-"""Issue weights (SPEC §4.5)."""
+"""Seed scoring's issue weights: the original computation, to the digit."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from deployflag.pipeline import compute, events, features, run, scoring
 from deployflag.pipeline.config import PipelineConfig, Weights
 from tests.unit.rows import ROOT_EXAMPLES, daily, hist, one_thread, request
 
+SEED = PipelineConfig(scoring="seed")
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
@@ -20,8 +22,8 @@ def _one_thread() -> Iterator[None]:
 
 
 def test_worked_example_weights() -> None:
-    result = run((ROOT_EXAMPLES / "worked-example.json").read_bytes(), PipelineConfig())
-    assert result.repo_id == 42
+    result = run((ROOT_EXAMPLES / "worked-example.json").read_bytes(), SEED)
+    assert (result.repo_id, result.scoring) == (42, "seed")
     assert result.model.trained is False
     assert result.model.skipped_reason == "one_class"
     [score] = result.scores
@@ -32,6 +34,8 @@ def test_worked_example_weights() -> None:
         "daily_weighted_fix_rate": 0.5714,
         "historical_weighted_fix_rate": 0.4,
         "severity_score": 60,
+        "fix_rate": None,
+        "events": 3,
     }
 
 
@@ -60,7 +64,7 @@ def test_shortcode_without_events_is_scored_from_severity_alone() -> None:
             hist(1, 2, shortcode="CRIT", severity="critical"),
         ]
     )
-    [score] = compute(req, PipelineConfig()).scores
+    [score] = compute(req, SEED).scores
     # 0.2 · 0.82 = 0.164 → 16
     assert (score.issue_shortcode, score.issue_weight, score.severity_score) == ("CRIT", 16, 82)
     assert score.daily_weighted_fix_rate == score.historical_weighted_fix_rate == 0.0
@@ -74,13 +78,13 @@ def test_scores_sorted_by_weight_then_shortcode() -> None:
             daily(0, 1, shortcode="C", severity="critical"),
         ]
     )
-    scores = compute(req, PipelineConfig()).scores
+    scores = compute(req, SEED).scores
     assert [(s.issue_shortcode, s.issue_weight) for s in scores] == [("C", 16), ("A", 5), ("B", 5)]
 
 
 def test_custom_weights() -> None:
     req = parse_request((ROOT_EXAMPLES / "worked-example.json").read_bytes())
-    config = PipelineConfig(weights=Weights(w1=1.0, w2=0.0, w3=0.0, w4=0.0))
+    config = PipelineConfig(scoring="seed", weights=Weights(w1=1.0, w2=0.0, w3=0.0, w4=0.0))
     assert compute(req, config).scores[0].issue_weight == 57  # 0.5714 → 57
 
 

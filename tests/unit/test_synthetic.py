@@ -10,10 +10,11 @@ from typing import Any
 import orjson
 import pytest
 
+from deployflag import synthetic
 from deployflag.messages import validate_request
 from deployflag.pipeline import compute, model
 from deployflag.pipeline.config import PipelineConfig
-from deployflag.synthetic import generate, main
+from deployflag.synthetic import generate, generate_with_truth, main
 from tests.unit.rows import ROOT_EXAMPLES, build_events, build_features, one_thread
 
 ANALYSIS_FIELDS = {
@@ -127,3 +128,35 @@ def test_main_writes_a_file(tmp_path: Path) -> None:
 def test_main_writes_to_stdout(capsysbinary: pytest.CaptureFixture[bytes]) -> None:
     assert main(["--size", "tiny"]) == 0
     assert orjson.loads(capsysbinary.readouterr().out) == generate("tiny", seed=0)
+
+
+def test_truth_names_every_shortcode_and_follows_type_and_severity() -> None:
+    payload, truth = generate_with_truth("reference", seed=2)
+    assert set(truth) == {r["shortcode"] for r in payload["historical_run"]}
+    # Without drift the payload is the one generate() always gave for this seed
+    assert payload == generate("reference", seed=2)
+    # The truth is the type's and the severity's effect plus a little noise (sd 0.4)
+    effects = dict(synthetic._TYPES) | dict(synthetic._SEVERITIES)
+    rows = {r["shortcode"]: r for r in payload["historical_run"]}
+    for code, value in truth.items():
+        expected = effects[rows[code]["issue_type"]] + effects[rows[code]["severity"]]
+        assert abs(value - expected) < 4 * 0.4
+
+
+def test_drift_moves_the_truth_and_the_payload() -> None:
+    still_payload, still = generate_with_truth("small", seed=4)
+    moved_payload, moved = generate_with_truth("small", seed=4, drift=True)
+    assert set(moved) == set(still)
+    assert moved != still  # the propensity at the end differs
+    assert moved_payload != still_payload
+
+
+def test_main_writes_the_truth_beside_the_payload(tmp_path: Path) -> None:
+    out, truth = tmp_path / "payload.json", tmp_path / "truth.json"
+    assert (
+        main(["--size", "small", "--seed", "2", "--drift", "-o", str(out), "--truth", str(truth)])
+        == 0
+    )
+    payload, expected = generate_with_truth("small", seed=2, drift=True)
+    assert orjson.loads(out.read_bytes()) == payload
+    assert orjson.loads(truth.read_bytes()) == expected

@@ -1,4 +1,4 @@
-"""Confirmed, mandatory publishing of replies and parked messages (SPEC §5, §7).
+"""Confirmed, mandatory publishing of replies and parked messages (docs/protocol.md).
 
 Every publish waits for the broker's confirm. ``mandatory`` makes an unroutable message an error
 (the original published results to a routing key nothing was bound to, and the broker dropped

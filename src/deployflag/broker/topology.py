@@ -1,4 +1,4 @@
-"""The exchange and queues of SPEC §2, declared identically by every instance.
+"""The exchange and queues (docs/protocol.md), declared identically by every instance.
 
 Queues carry no arguments by default, so an upstream that declares the same queues plainly does not
 collide (PRECONDITION_FAILED); dead-lettering and length limits belong in RabbitMQ policies.
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from deployflag.settings import Settings
 
@@ -18,7 +18,6 @@ from deployflag.settings import Settings
 @dataclass(frozen=True)
 class Topology:
     exchange: AbstractExchange
-    training: AbstractQueue
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any] | None:
@@ -30,7 +29,6 @@ async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
         settings.exchange, aio_pika.ExchangeType.DIRECT, durable=True
     )
     arguments = queue_arguments(settings)
-    queues = {}
     for name in (
         settings.collect_queue,
         settings.training_queue,
@@ -39,5 +37,4 @@ async def declare(channel: AbstractChannel, settings: Settings) -> Topology:
     ):
         queue = await channel.declare_queue(name, durable=True, arguments=arguments)
         await queue.bind(exchange, routing_key=name)
-        queues[name] = queue
-    return Topology(exchange=exchange, training=queues[settings.training_queue])
+    return Topology(exchange=exchange)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 # The default grid is small on purpose: benchmarks/bench_pipeline.py shows that larger grids gain
 # nothing in held-out ROC AUC on time-ordered rows, at several times the cost.
@@ -20,7 +20,7 @@ DEFAULT_PARAM_GRID: dict[str, list[Any]] = {
 
 
 class Weights(BaseModel):
-    """Score = w1·daily + w2·historical + w3·fix_probability + w4·severity (SPEC §4.5)."""
+    """Score = w1·daily + w2·historical + w3·fix_probability + w4·severity (seed scoring)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -64,11 +64,63 @@ class ModelSpec(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-class PipelineConfig(BaseModel):
-    """Everything `pipeline.run` reads: weights, the 'Long' gap and the model specification."""
+Scoring = Literal["forecast", "seed"]
+# "none" (every event counts alike), "auto" (a per-request backtest picks) or a half-life in days.
+Recency = Literal["auto", "none"] | PositiveFloat
+
+
+class ForecastSpec(BaseModel):
+    """The forecast scoring's model: a standardised logistic regression (fixed, not searched)."""
 
     model_config = ConfigDict(frozen=True)
 
+    estimator: str = "LogisticRegression"
+    C: float = 1.0
+    solver: str = "lbfgs"
+    max_iter: int = 200
+    objective: str = "binary:log_loss"
+    eval_metric: str = "roc_auc"
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return {"C": self.C, "solver": self.solver, "max_iter": self.max_iter}
+
+    @property
+    def grid_version(self) -> str:
+        canonical = json.dumps({"estimator": self.estimator, **self.parameters}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class PipelineConfig(BaseModel):
+    """Everything `pipeline.run` reads: which scoring, its knobs, and the model specifications."""
+
+    model_config = ConfigDict(frozen=True)
+
+    scoring: Scoring = "forecast"
     weights: Weights = Field(default_factory=Weights)
     long_gap_days: int = Field(20, ge=0)
     model: ModelSpec = Field(default_factory=ModelSpec)
+    # --- forecast scoring only ---
+    forecast: ForecastSpec = Field(default_factory=ForecastSpec)
+    recency: Recency = "auto"
+    model_weight: float = Field(0.0, ge=0, le=1)
+    prior_strength: float = Field(20.0, gt=0)
+
+    def model_definition(self) -> tuple[str, str, str, dict[str, Any]]:
+        """(version, objective, eval_metric, parameters) of the model this scoring trains: the
+        row of ``grid_search_parameter`` that a result points at."""
+        if self.scoring == "seed":
+            spec = self.model
+            parameters = {
+                "grid": spec.param_grid,
+                "cv_folds": spec.cv_folds,
+                "random_state": spec.random_state,
+            }
+            return spec.grid_version, spec.objective, spec.eval_metric, parameters
+        f = self.forecast
+        return (
+            f.grid_version,
+            f.objective,
+            f.eval_metric,
+            {"estimator": f.estimator, **f.parameters},
+        )

@@ -1,5 +1,5 @@
-"""Fix-rate events (SPEC §4.2): the request's rows as numpy columns, then one event per drop or
-per daily segment.
+"""The request's rows as numpy columns and the branch-run segmentation (both scorings), and the
+seed scoring's fix-rate events: one per drop or per daily segment (docs/scoring.md).
 
 Rows are grouped once (a stable sort by shortcode, then by time) and everything after that is
 vectorised; the only per-item Python work is ``round(x, 4)`` on the events' fix rates, because
@@ -80,7 +80,7 @@ class Columns:
 def columns(request: TrainingRequest) -> Columns:
     daily, hist = request.analysis_run, request.historical_run
     first_seen, names = encode([r.shortcode for r in daily] + [r.shortcode for r in hist])
-    # Codes in sorted shortcode order: the evaluation order ties on shortcode (§4.4).
+    # Codes in sorted shortcode order: the evaluation order ties on shortcode.
     rank = np.empty(len(names), dtype=np.int64)
     rank[sorted(range(len(names)), key=lambda i: str(names[i]))] = np.arange(len(names))
     code = rank[first_seen] if len(first_seen) else first_seen
@@ -102,8 +102,8 @@ def columns(request: TrainingRequest) -> Columns:
 
 @dataclass(frozen=True, slots=True)
 class Events:
-    """One row per event, grouped by shortcode code in the order §4.2 lists them: a shortcode's
-    historical events in time order, then its daily events in segment order.
+    """One row per event, grouped by shortcode code in the order the seed rule lists them: a
+    shortcode's historical events in time order, then its daily events in segment order.
 
     The row index is therefore the "event order" that later stable sorts fall back on.
     """
@@ -143,10 +143,33 @@ def historical(code: I64, time: I64, freq: I64) -> tuple[I64, I64, I64, F64]:
     return c[anchor[k]], t[anchor[k]], detected[k], rates[k]
 
 
-def daily(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> tuple[I64, I64, I64, F64]:
-    """Events of branch runs, one per segment: (code, time, frequency_detected, fix_rate)."""
+@dataclass(frozen=True, slots=True)
+class Segments:
+    """Daily rows in segment order: rows of one segment are contiguous and in time order.
+
+    ``starts`` indexes the first row of each segment. Both scorings read branch runs through
+    this one segmentation.
+    """
+
+    code: I64
+    time: I64
+    freq: I64
+    starts: NDArray[np.intp]
+
+    @property
+    def ends(self) -> NDArray[np.intp]:
+        """Last row of each segment."""
+        ends: NDArray[np.intp] = np.r_[self.starts[1:], len(self.code)].astype(np.intp) - 1
+        return ends
+
+
+def segments(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> Segments:
+    """Split branch runs into segments: per shortcode (rows by time), per branch in order of
+    first appearance; a branch with one distinct base_oid (null counts) is one segment, else
+    each non-null base_oid in order of first appearance is one and null rows are dropped."""
     if len(code) == 0:
-        return _empty()
+        z = np.zeros(0, dtype=np.int64)
+        return Segments(z, z, z, np.zeros(0, dtype=np.intp))
     o = stable_order(code, time)
     c, t, f, b, k = code[o], time[o], freq[o], branch[o], base[o]
     # Branches and base_oids go "in order of first appearance" among the time-sorted rows of
@@ -166,11 +189,16 @@ def daily(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> tuple[I64,
     # Segments: by shortcode and branch order (branch_first), then base order (base_first); the
     # row position inside keeps time order. A single-value branch has one base_first.
     s = keep[np.lexsort((keep, base_first[keep], branch_first[keep]))]
-    seg = base_first[s]
-    starts = group_starts(seg)
-    ends = np.r_[starts[1:], len(s)] - 1
-    fs = f[s]
-    step = np.zeros(len(s), dtype=np.int64)
+    return Segments(code=c[s], time=t[s], freq=f[s], starts=group_starts(base_first[s]))
+
+
+def daily(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> tuple[I64, I64, I64, F64]:
+    """Events of branch runs, one per segment: (code, time, frequency_detected, fix_rate)."""
+    if len(code) == 0:
+        return _empty()
+    seg = segments(code, time, freq, branch, base)
+    starts, fs = seg.starts, seg.freq
+    step = np.zeros(len(fs), dtype=np.int64)
     step[1:] = np.diff(fs)
     step[starts] = 0  # no step across a segment boundary
     detected = fs[starts] + np.add.reduceat(np.maximum(step, 0), starts)
@@ -179,8 +207,8 @@ def daily(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> tuple[I64,
     rate = np.zeros(len(starts), dtype=np.float64)
     moved = np.flatnonzero(~flat)
     rate[moved] = round4_ratios(resolved[moved], detected[moved])
-    # For a flat segment ``detected`` is f0, as §4.2 asks.
-    return c[s[starts]], t[s[ends]], detected, rate
+    # For a flat segment ``detected`` is f0, as the seed rule asks.
+    return seg.code[starts], seg.time[seg.ends], detected, rate
 
 
 def build(cols: Columns) -> Events:

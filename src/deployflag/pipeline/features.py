@@ -1,4 +1,5 @@
-"""Feature rows (SPEC §4.3), and each shortcode's issue type and severity (§4.1)."""
+"""Seed scoring's feature rows, and each shortcode's issue type and severity (both scorings;
+docs/scoring.md)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ MAX_CATEGORIES = 255  # HistGradientBoosting's limit on a categorical feature's 
 
 
 def type_category(issue_type: str | None) -> str:
-    """Letters only, lower-cased, then the §4.1 mapping (so `Bug Risk` is `bug-risk`)."""
+    """Letters only, lower-cased, then the type mapping (so `Bug Risk` is `bug-risk`)."""
     letters = "".join(ch for ch in (issue_type or "").lower() if ch.isalpha())
     return _TYPE_BY_LETTERS.get(letters, "other")
 
@@ -101,7 +102,7 @@ class Features:
 
     code: I64
     time: I64
-    event: I64  # index into Events: the §4.2 event order
+    event: I64  # index into Events: the event order
     daily: Bool
     fix_rate: F64
     frequency_detected: I64
@@ -157,7 +158,7 @@ def issue_categories(code: I64, limit: int = MAX_CATEGORIES) -> I64:
 
 
 def _quantile_bins(values: I64, starts: NDArray[np.intp]) -> I64:
-    """§4.3's freq_detected_quantile per row, with numpy's default quantiles per shortcode.
+    """freq_detected_quantile per row, with numpy's default quantiles per shortcode.
 
     Shortcodes with the same number of events are stacked and done in one np.quantile call, so
     the work is one call per distinct group size, not per shortcode.

@@ -1,4 +1,4 @@
-"""Training and honest, time-ordered evaluation (SPEC §4.4).
+"""Seed scoring's model: training and honest, time-ordered evaluation (docs/scoring.md).
 
 One classifier per request on every shortcode's feature rows. The parameters are chosen by a
 grid search on the older 80 % of the rows, scored on the newer 20 % (never on rows the model has
@@ -109,7 +109,8 @@ def evaluate(
 ) -> tuple[dict[str, Any] | None, float | None, float | None]:
     """Choose parameters on the older rows and score them on the newer ones.
 
-    Returns (chosen parameters or None, ROC AUC, precision); None where §4.4 says null.
+    Returns (chosen parameters or None, ROC AUC, precision); None where a part lacks a class
+    or the older part cannot be cross-validated.
     """
     cut = split(len(y))
     y_train, y_test = y[:cut], y[cut:]

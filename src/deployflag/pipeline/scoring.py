@@ -1,4 +1,5 @@
-"""Issue weights (SPEC §4.5)."""
+"""Seed scoring's issue weights: a fixed blend of two weighted fix rates, the model's
+fix probability and the severity (docs/scoring.md)."""
 
 from __future__ import annotations
 
@@ -53,10 +54,12 @@ def scores(
     n = len(info.names)
     daily = weighted_fix_rates(features.code, features.fix_rate, features.daily, n)
     hist = weighted_fix_rates(features.code, features.fix_rate, ~features.daily, n)
+    counts = np.bincount(features.code, minlength=n).tolist()
     out = []
-    for name, d, h, p, sev in zip(
-        info.names, daily, hist, probabilities.tolist(), info.severity.tolist(), strict=True
-    ):
+    for name, d, h, p, sev, k in zip(
+        info.names, daily, hist, probabilities.tolist(), info.severity.tolist(), counts,
+        strict=True,
+    ):  # fmt: skip
         score = weights.w1 * d + weights.w2 * h + weights.w3 * p + weights.w4 * (sev / 100)
         out.append(
             Score(
@@ -66,6 +69,7 @@ def scores(
                 daily_weighted_fix_rate=d,
                 historical_weighted_fix_rate=h,
                 severity_score=sev,
+                events=k,
             )
         )
     out.sort(key=lambda s: (-s.issue_weight, s.issue_shortcode))

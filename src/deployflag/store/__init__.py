@@ -1,4 +1,4 @@
-"""The metadata database (SPEC §6): tables, engine, migrations and the few queries the service runs.
+"""The metadata database (docs/database.md): tables, engine, migrations, the service's queries.
 
 Importing it connects to nothing; :meth:`Store.open` does. Migration commands live in
 ``deployflag.store.migrate``.

@@ -1,4 +1,4 @@
-"""The handful of queries the service needs (SPEC §6, §7), each one transaction, each race-free.
+"""The few queries the service needs (docs/database.md), each one transaction, each race-free.
 
 Every write is a single upsert (``INSERT … ON CONFLICT``) rather than read-then-write, so any
 number of processes on any number of machines can run them at once. Both SQLite (≥ 3.35) and
@@ -387,6 +387,9 @@ class Store:
                     "deployflag_version": result.deployflag_version,
                     "created_at": now,
                     "request_id": result.request_id,
+                    "scoring": result.scoring,
+                    "half_life_days": result.model.half_life_days,
+                    "blend_weight": result.model.blend_weight,
                 },
             )
             return True, result_json
@@ -416,19 +419,15 @@ class Store:
     def _grid_id(
         self, conn: Connection, config: PipelineConfig, found: dict[tuple[str, str], int]
     ) -> int:
-        spec = config.model
+        version, objective, eval_metric, parameters = config.model_definition()
         return self._versioned_id(
             conn,
             found,
             _grids,
-            spec.grid_version,
-            objective=spec.objective,
-            eval_metric=spec.eval_metric,
-            parameters={
-                "grid": spec.param_grid,
-                "cv_folds": spec.cv_folds,
-                "random_state": spec.random_state,
-            },
+            version,
+            objective=objective,
+            eval_metric=eval_metric,
+            parameters=parameters,
         )
 
     def _versioned_id(

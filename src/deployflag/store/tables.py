@@ -1,4 +1,4 @@
-"""The metadata tables (SPEC §6), with the original service's table and column names.
+"""The metadata tables (docs/database.md), with the original service's table and column names.
 
 Keep this module and ``migrations/versions`` in step: a test compares them after ``upgrade head``.
 """
@@ -135,10 +135,15 @@ class ModelPerformanceMetadata(Base):
     deployflag_version: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     request_id: Mapped[str] = mapped_column(String(ID_LENGTH), unique=True, index=True)
+    # Which scoring computed the weights ("seed" for rows older than the column), and the
+    # forecast scoring's recency half-life (null: none) and model blend (null under seed).
+    scoring: Mapped[str] = mapped_column(String(16), server_default="seed")
+    half_life_days: Mapped[float | None] = mapped_column(Double())
+    blend_weight: Mapped[float | None] = mapped_column(Double())
 
 
 class TrainingRequest(Base):
-    """Every request seen, for de-duplication and audit (SPEC §6, §7)."""
+    """Every request seen, for de-duplication and audit."""
 
     __tablename__ = "training_request"
     __table_args__ = (
