@@ -20,9 +20,10 @@ import pytest
 
 from tests.faults.conftest import FaultTable
 from tests.faults.harness import Tally, metadata_ids
-from tests.support.broker import Names, ServiceProcess, async_wait_until
+from tests.support.broker import ServiceProcess
 from tests.support.poison import kinds, raw_publisher
 from tests.support.postgres import PostgresCluster
+from tests.support.toolkit import Names, async_wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300), pytest.mark.rabbitmq]
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.support.broker import Names, ServiceProcess, Upstream
+from tests.support.broker import ServiceProcess, Upstream
 from tests.support.poison import PoisonKind, kinds, raw_publisher
+from tests.support.toolkit import Names
 
 pytestmark = pytest.mark.rabbitmq
 

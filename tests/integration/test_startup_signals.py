@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_service import in_flight
-from tests.support.broker import ServiceProcess, Upstream, async_wait_until, free_port
+from tests.support.broker import ServiceProcess, Upstream
 from tests.support.postgres import PostgresCluster
+from tests.support.toolkit import async_wait_until, free_port
 
 pytestmark = pytest.mark.rabbitmq
 

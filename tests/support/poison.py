@@ -17,7 +17,7 @@ from typing import Any
 import aiormq
 from pamqp import commands, encode, frame, header
 
-from tests.support.broker import Names
+from tests.support.toolkit import Names
 
 
 class Raw(bytes):
