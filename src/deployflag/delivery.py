@@ -16,7 +16,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from deployflag import worker
-from deployflag.messages import Envelope
+from deployflag.messages import Envelope, Reply, TrainingResult
 from deployflag.observer import Trace
 
 # What a broker operation raises when the connection or channel is in trouble.
@@ -37,6 +37,9 @@ class Delivery:
     envelope: Envelope | None = None  # once the envelope stage has recognised it
     presumed: bool = False  # the envelope was inferred from the properties (worker.presume_json)
     _job: worker.Job | None = field(default=None, repr=False)
+    # The reply, encoded once (its size is checked before the result is recorded), and the
+    # result it encodes: the same bytes are published.
+    _reply: tuple[TrainingResult, Reply] | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -55,6 +58,15 @@ class Delivery:
                 m.body, headers, m.message_id, m.content_type, self.envelope, self.presumed
             )
         return self._job
+
+    def reply_to(self, result: TrainingResult) -> Reply | None:
+        """The reply already encoded for ``result`` (the same object), if any."""
+        if self._reply is not None and self._reply[0] is result:
+            return self._reply[1]
+        return None
+
+    def keep_reply(self, result: TrainingResult, reply: Reply) -> None:
+        self._reply = (result, reply)
 
     def channel_gone(self) -> bool:
         """Whether the channel it came on is closed (aio-pika's ``message.channel`` raises

@@ -18,6 +18,14 @@ settlement (docs/handler.md has the same table, with every park reason):
     a second copy of a request in flight      wait for the first, then as done         duplicate
     InvalidRequest: the body, the pipeline,   park: confirmed copy on the failed       parked
       memory, attempts, the reply               queue, failure recorded, then ack
+    a property the client could not decode    park undecodable_properties (before      parked
+                                                anything else is read)
+    InvalidRequest("bad_data") from the       park bad_data; if the failure cannot be  parked
+      store: the database refused a value       recorded either, park without the row
+    claim: the id is known with another body  park id_conflict, the other body's row   parked
+                                                left alone (not recorded)
+    the reply is over the size limit          park reply_too_large before the result   parked
+                                                is recorded as done
     WorkerCrashed, JobTimeLimit               attempt counted, tried again; the last   parked
                                                 one parks (collateral crash: free)
     TransientError, broker errors             retried in place with backoff, unacked   (retried)
@@ -27,6 +35,8 @@ settlement (docs/handler.md has the same table, with every park reason):
                                                 closes; the service stops, drains and
                                                 exits with the error's code
     any other exception: a bug                logged, sent to Sentry, nack + requeue   error
+    ... the same message's third unexpected   park internal_error (the exception       parked
+      failure (poison.FailureCounter)           text); if that fails, park unrecorded
 
 Whatever was recorded before a channel closed stays recorded: the redelivered copy finds it done
 and only re-publishes it, so a request is trained once however often it is delivered.
@@ -47,12 +57,19 @@ from typing import Any, TypeVar
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from deployflag import __version__, logs, sentry, worker
+from deployflag import __version__, logs, poison, sentry, worker
+from deployflag.broker import tolerant
 from deployflag.broker.publisher import Publisher, Unroutable
 from deployflag.delivery import BROKER_ERRORS, Abandon, Delivery, OneCopyAtATime
 from deployflag.errors import FatalError, InvalidRequest, TransientError
 from deployflag.health import Health, mark_database
-from deployflag.messages import Envelope, TrainingResult, celery_envelope_from_headers, encode_reply
+from deployflag.messages import (
+    Envelope,
+    Reply,
+    TrainingResult,
+    celery_envelope_from_headers,
+    encode_reply,
+)
 from deployflag.metrics import Metrics
 from deployflag.observer import Outcome, Trace
 from deployflag.pool import JobTimeLimit, WorkerCrashed, WorkerPool, abandon, discard
@@ -100,6 +117,7 @@ class MessageHandler:
         self._backoff = Backoff(settings.retry_backoff_initial, settings.retry_backoff_max)
         self._origin = f"deployflag@{socket.gethostname()}"
         self._copies = OneCopyAtATime()
+        self._failures = poison.FailureCounter()  # unexpected failures per message
 
     # --- entry point: every exception ends here, each with its settlement ---------------------
 
@@ -133,7 +151,7 @@ class MessageHandler:
             d.trace.settle(Outcome.ERROR, type(exc).__name__)
             log.exception("unexpected error handling a message")
             sentry.capture(exc, request_id=_bound("request_id"), repo_id=_bound("repo_id"))
-            await d.requeue()
+            await self._requeue_or_park(d, exc)
         finally:
             self._metrics.in_flight.dec()
             d.trace.finish(message.timestamp)
@@ -141,7 +159,37 @@ class MessageHandler:
 
     # --- the flow -----------------------------------------------------------------------------
 
+    async def _requeue_or_park(self, d: Delivery, exc: Exception) -> None:
+        """Requeue after an unexpected failure, or park as ``internal_error`` once the same
+        message has failed unexpectedly a few times: nothing is requeued without bound."""
+        if d.message.processed:
+            return  # settled before it failed
+        rid, repo_id = _bound("request_id"), _bound("repo_id")
+        key = poison.failure_key(rid, d.message.message_id, d.message.body)
+        count = self._failures.failed(key, redelivered=d.redelivered)
+        if not self._failures.exhausted(count):
+            await d.requeue()
+            return
+        rejection = poison.internal_error(exc, count, rid, repo_id)
+        for attempt in (rejection, poison.unrecorded(rejection)):  # the second without the row
+            try:
+                await self._park(d, attempt)
+            except Abandon:
+                return  # its channel is gone: the broker redelivers it, and it is counted again
+            except Exception:
+                log.exception("parking a failing message failed", request_id=rid)
+                continue
+            self._failures.forget(key)
+            return
+        await d.requeue()
+
     async def _flow(self, d: Delivery) -> None:
+        if (undecodable := tolerant.undecodable(d.message.headers)) is not None:
+            raise InvalidRequest(
+                "undecodable_properties",
+                f"could not decode: {undecodable}",
+                await asyncio.to_thread(worker.fallback_id, d.job()),
+            )
         if d.size > self._s.max_message_bytes:
             raise InvalidRequest(
                 "too_large",
@@ -150,8 +198,9 @@ class MessageHandler:
                 await asyncio.to_thread(worker.fallback_id, d.job()),
             )
         envelope = await d.trace.timed("decode", self._identify(d))
+        digest = await poison.body_digest(d.message.body)  # tells a reused id's other body apart
         while True:
-            d.envelope = envelope
+            d.envelope = envelope = envelope.model_copy(update={"body_digest": digest})
             structlog.contextvars.bind_contextvars(
                 request_id=envelope.request_id, repo_id=envelope.repo_id
             )
@@ -189,6 +238,8 @@ class MessageHandler:
         early = asyncio.ensure_future(self._run_job(d)) if speculate else None
         try:
             claim = await d.trace.timed("claim", self._claim(d, envelope))
+            if claim.status == "conflict":
+                raise poison.id_conflict(envelope, claim.known_repo_id)
             if claim.status == "done" or claim.attempts > self._s.max_attempts:
                 await discard(early)
                 early = None
@@ -201,6 +252,7 @@ class MessageHandler:
                 abandon(early)
         if answer.outcome is Outcome.DUPLICATE:  # another instance finished it meanwhile
             return answer
+        self._encode(d, envelope, answer.result)  # a reply too large is parked before "done"
         fresh, stored_json = await d.trace.timed(
             "record",
             self._database(
@@ -271,12 +323,17 @@ class MessageHandler:
 
     def _claim(self, d: Delivery, envelope: Envelope) -> Awaitable[Claim]:
         return self._database(
-            "claim", d, lambda: self._store.claim(envelope.request_id, envelope.repo_id)
+            "claim",
+            d,
+            lambda: self._store.claim(envelope.request_id, envelope.repo_id, envelope.body_digest),
         )
 
     # --- settling -----------------------------------------------------------------------------
 
-    async def _reply(self, d: Delivery, envelope: Envelope, result: TrainingResult) -> None:
+    def _encode(self, d: Delivery, envelope: Envelope, result: TrainingResult) -> Reply:
+        """The reply to ``result``, encoded once per delivery and kept on it."""
+        if (kept := d.reply_to(result)) is not None:
+            return kept
         reply = encode_reply(
             result,
             envelope.kind,
@@ -289,6 +346,11 @@ class MessageHandler:
                 "reply_too_large",
                 f"the reply of {len(reply.body)} bytes exceeds DEPLOYFLAG_MAX_MESSAGE_BYTES",
             )
+        d.keep_reply(result, reply)
+        return reply
+
+    async def _reply(self, d: Delivery, envelope: Envelope, result: TrainingResult) -> None:
+        reply = self._encode(d, envelope, result)
         # A Celery producer always sets reply_to to its own result-backend queue: that names
         # where Celery task results go, not a deployflag reply queue, so Celery requests are
         # answered on the result queue.
@@ -312,13 +374,16 @@ class MessageHandler:
             rid, repo_id = d.envelope.request_id, d.envelope.repo_id
         reason, error = rejection.reason, rejection.message
         log.warning("parking request", reason=reason, error=error, request_id=rid)
-        if rid is not None:
-            await d.trace.timed(
-                "record",
-                self._database(
-                    "record", d, lambda: self._store.record_failure(rid, repo_id, reason, error)
-                ),
-            )
+        if rid is not None and not isinstance(rejection, poison.Unrecorded):
+            try:
+                await d.trace.timed(
+                    "record",
+                    self._database(
+                        "record", d, lambda: self._store.record_failure(rid, repo_id, reason, error)
+                    ),
+                )
+            except InvalidRequest as refused:  # the database refuses this request's values too
+                log.warning("parked without a record", error=refused.message, request_id=rid)
         await d.trace.timed(
             "publish",
             self._broker(

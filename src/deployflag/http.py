@@ -15,6 +15,7 @@ from aiohttp import hdrs, web
 from deployflag.errors import FatalError
 from deployflag.exitcodes import RET_CONFIG
 from deployflag.health import Health
+from deployflag.http_limits import ConnectionLimits, GuardedTCPSite
 from deployflag.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -81,7 +82,8 @@ async def start_http(settings: Settings, health: Health, metrics: Metrics) -> we
         shutdown_timeout=SHUTDOWN_TIMEOUT,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.http_host, settings.http_port)
+    limits = ConnectionLimits(settings.http_max_connections, settings.http_idle_timeout)
+    site = GuardedTCPSite(runner, settings.http_host, settings.http_port, limits)
     try:
         await site.start()
     except OSError as exc:

@@ -28,6 +28,9 @@ from deployflag.errors import InvalidRequest
 
 MAX_FREQUENCY = 10**12  # far above any real count, far below int64 overflow in the pipeline
 MAX_ID_LENGTH = 255
+# An integer repo id is stored as text in a column of MAX_ID_LENGTH characters, and compared by
+# the upstream as a 64-bit integer: keep it within the signed 64-bit range.
+MAX_INT_REPO_ID = 2**63 - 1
 JSON_CONTENT_TYPES = frozenset({"", "application/json", "text/json", "text/plain"})
 
 
@@ -47,13 +50,42 @@ Frequency = Annotated[StrictInt, Field(ge=0, le=MAX_FREQUENCY)]
 Text = Annotated[StrictStr, Field(min_length=1, max_length=200)]
 
 
+def storable_text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be stored as an id (in SQLite and PostgreSQL alike), or None."""
+    if len(text) > MAX_ID_LENGTH:
+        return f"is longer than {MAX_ID_LENGTH} characters"
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (a lone surrogate)"
+    return None
+
+
 def _int_or_text(value: Any) -> Any:
     # Said once, plainly, instead of one error per member of the union.
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise ValueError(f"must be an integer or text, not {_json_type(value)}")
     if isinstance(value, str) and not value.strip():
         raise ValueError("must not be empty")
+    if isinstance(value, int) and not -MAX_INT_REPO_ID <= value <= MAX_INT_REPO_ID:
+        raise ValueError("an integer repo_id must fit in 64 bits")
+    if isinstance(value, str) and (problem := storable_text_problem(value)):
+        raise ValueError(problem)
     return value
+
+
+def check_storable_ids(request_id: str, repo_id: int | str | None) -> None:
+    """Refuse, before anything is written, ids the database would reject (or SQLite would take
+    and PostgreSQL refuse): the same answer on both."""
+    if problem := storable_text_problem(request_id):
+        raise InvalidRequest("bad_request_id", f"the request id {problem}")
+    if repo_id is not None:
+        try:
+            _int_or_text(repo_id)
+        except ValueError as exc:
+            raise InvalidRequest("invalid_field", f"repo_id: {exc}") from None
 
 
 def _json_type(value: Any) -> str:
@@ -173,6 +205,7 @@ class Envelope(BaseModel):
     request_id: str
     repo_id: int | str | None = None
     celery_protocol: int | None = None
+    body_digest: str | None = None  # SHA-256 of the body, set by the service before the claim
 
 
 class Decoded(BaseModel):
@@ -194,9 +227,11 @@ def _normalise_id(raw: Any, what: str) -> str | None:
         except ValueError:
             raise InvalidRequest("bad_request_id", f"{what} is not a valid uuid") from None
     if isinstance(raw, str | int) and not isinstance(raw, bool):
+        if isinstance(raw, int) and not -MAX_INT_REPO_ID <= raw <= MAX_INT_REPO_ID:
+            raise InvalidRequest("bad_request_id", f"{what} is an integer beyond 64 bits")
         text = str(raw)
-        if len(text) > MAX_ID_LENGTH:
-            raise InvalidRequest("bad_request_id", f"{what} is longer than {MAX_ID_LENGTH}")
+        if problem := storable_text_problem(text):
+            raise InvalidRequest("bad_request_id", f"{what} {problem}")
         return text
     raise InvalidRequest("bad_request_id", f"{what} must be text, not {type(raw).__name__}")
 
@@ -320,6 +355,7 @@ def _decoded(
     repo_id = request.get("repo_id") if isinstance(request, dict) else None
     if not isinstance(repo_id, int | str) or isinstance(repo_id, bool):
         repo_id = None
+    check_storable_ids(rid, repo_id)
     envelope = Envelope(kind=kind, request_id=rid, repo_id=repo_id, celery_protocol=protocol)
     return Decoded(envelope=envelope, request=request)
 
@@ -366,6 +402,19 @@ def validate_request(obj: Any) -> TrainingRequest:
         return TrainingRequest.model_validate(obj)
     except ValidationError as exc:
         raise _invalid(exc) from None
+
+
+def check_shortcodes(request: TrainingRequest, cap: int) -> None:
+    """Refuse a request with more than ``cap`` distinct shortcodes (0: no cap)."""
+    if cap <= 0:
+        return
+    distinct = {row.shortcode for row in request.analysis_run}
+    distinct.update(row.shortcode for row in request.historical_run)
+    if len(distinct) > cap:
+        raise InvalidRequest(
+            "too_many_shortcodes",
+            f"{len(distinct)} distinct shortcodes, more than DEPLOYFLAG_MAX_SHORTCODES ({cap})",
+        )
 
 
 def parse_request(body: bytes) -> TrainingRequest:

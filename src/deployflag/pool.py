@@ -74,7 +74,13 @@ class WorkerPool:
             max_workers=s.workers,
             mp_context=self._context,
             initializer=worker.init_worker,
-            initargs=(s.log_format, s.log_level, int(s.worker_memory_limit), os.getpid()),
+            initargs=(
+                s.log_format,
+                s.log_level,
+                int(s.worker_memory_limit),
+                os.getpid(),
+                s.max_shortcodes,
+            ),
         )
 
     async def start(self) -> None:

@@ -35,6 +35,9 @@ from deployflag.store.repository import Store
 
 log = logs.get_logger("deployflag.service")
 CLOSE_TIMEOUT = 10.0  # seconds for the broker connection to close
+# SIGHUP drains too: a closed terminal or a supervisor's hang-up must not kill in-flight work
+# (its default action exits at once, status 129, which systemd does not restart).
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Service:
@@ -63,10 +66,9 @@ class Service:
         self._background.append(asyncio.create_task(monitor_loop(self.health, self.metrics)))
         self._http = await start_http(s, self.health, self.metrics)
 
-        try:
-            self._store = await Store.open(s)
-        except TransientError as exc:
-            raise FatalError(f"database unreachable: {exc}", RET_DATABASE) from None
+        self._store = await self._open_store()
+        if self._store is None:
+            return  # a signal came while waiting
         mark_database(self.health, self.metrics, ok=True)
 
         self._background.append(asyncio.create_task(self._watch_database(self._store)))
@@ -74,6 +76,8 @@ class Service:
         self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild, on_health=self._on_pool_health)
         await self._pool.start()
 
+        if self.stopping.is_set():
+            return
         self._connection = await self._connect()
         consume_channel = await self._connection.channel()
         await consume_channel.set_qos(prefetch_count=s.effective_prefetch)
@@ -94,6 +98,9 @@ class Service:
         self._handler = handler
         self._connection.close_callbacks.add(self._on_connection_lost)
         self._connection.reconnect_callbacks.add(self._on_reconnected)
+        if self.stopping.is_set():  # a signal during start-up: stop before taking anything
+            log.info("stopping before consuming")
+            return
         self._background.append(
             asyncio.create_task(watch_blocked(self._connection, self.health, self.metrics))
         )
@@ -102,6 +109,25 @@ class Service:
         systemd.notify("READY=1\nSTATUS=consuming " + s.training_queue)
         self._background.append(asyncio.create_task(systemd.watchdog_task(self.health)))
         log.info("consuming", queue=s.training_queue, prefetch=s.effective_prefetch)
+
+    async def _open_store(self) -> Store | None:
+        """Open the database, waiting for it like for the broker (a database restarting with
+        the service must not make it exit); None when a signal came meanwhile."""
+        delay, waited = 0.5, 0.0
+        while True:
+            try:
+                return await Store.open(self.settings)
+            except TransientError as exc:
+                error = exc
+            if waited >= self.settings.database_connect_timeout:
+                raise FatalError(f"database unreachable: {error}", RET_DATABASE) from None
+            log.warning("database not reachable yet", error=str(error), retry_in=delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), delay)
+            if self.stopping.is_set():
+                return None
+            waited += delay
+            delay = min(delay * 2, 5.0)
 
     def stop_for(self, error: FatalError) -> None:
         """Stop serving because of ``error``: drain, close, exit with its code."""
@@ -258,7 +284,7 @@ async def serve(settings: Settings) -> int:
         log.info("signal received: draining", signal=signal.Signals(signum).name)
         service.stopping.set()
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in DRAIN_SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         try:
@@ -270,5 +296,5 @@ async def serve(settings: Settings) -> int:
         await service.drain_and_close()
         return service.fatal.exit_code if service.fatal is not None else RET_OK
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in DRAIN_SIGNALS:
             loop.remove_signal_handler(signum)

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         "(default: DATA_DIR/deployflag.db).",
     )
     auto_migrate: bool = Field(False, description="Migrate at start on PostgreSQL.")
+    database_connect_timeout: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds to keep trying the database at start before exit 75.",
+    )
     database_check_interval: float = Field(
         5.0, gt=0, description="Seconds between database pings for /readyz while idle."
     )
@@ -178,6 +183,12 @@ class Settings(BaseSettings):
     max_message_bytes: ByteSize = Field(
         ByteSize(64 * 1024 * 1024), gt=0, description="Largest request body accepted."
     )
+    max_shortcodes: int = Field(
+        20_000,
+        ge=1,
+        description="Most distinct shortcodes in one request (bounds the result, its reply and "
+        "what the main process holds for it); more is parked as too_many_shortcodes.",
+    )
     worker_memory_limit: ByteSize = Field(
         ByteSize(4 * 1024**3),
         ge=0,
@@ -224,6 +235,12 @@ class Settings(BaseSettings):
     # --- operations -------------------------------------------------------------------------
     http_host: str = Field("127.0.0.1", description="Health and metrics endpoint address.")
     http_port: int = Field(8080, ge=0, le=65535, description="Health and metrics port (0: off).")
+    http_max_connections: int = Field(
+        64, ge=1, description="Open connections the health endpoint keeps; more are refused."
+    )
+    http_idle_timeout: float = Field(
+        10.0, gt=0, description="Seconds a health-endpoint connection may stay silent."
+    )
     log_format: Literal["json", "console"] = Field("json", description="json or console.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="Log level."

@@ -31,6 +31,7 @@ from deployflag.messages import (
     Decoded,
     Envelope,
     TrainingRequest,
+    check_shortcodes,
     decode,
     parse_request,
     validate_request,
@@ -41,6 +42,7 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 _PR_SET_PDEATHSIG = 1
 _limits: Any = None  # keeps threadpoolctl's limit alive for the life of the process
 _memory_limited = False  # set by init_worker when RLIMIT_AS is in force
+_max_shortcodes = 0  # DEPLOYFLAG_MAX_SHORTCODES, set by init_worker (0: no cap)
 
 # Address space needed per byte of body, measured on synthetic payloads with
 # benchmarks/worker_memory.py (docs/faults.md). Decoding with orjson peaks at about 15 x the body
@@ -62,10 +64,15 @@ def cap_threads() -> None:
 
 
 def init_worker(
-    log_format: str, log_level: str, memory_limit: int, service_pid: int | None = None
+    log_format: str,
+    log_level: str,
+    memory_limit: int,
+    service_pid: int | None = None,
+    max_shortcodes: int = 0,
 ) -> None:
     """Pool initializer: logging, one thread, heavy imports, then the address-space limit."""
-    global _limits
+    global _limits, _max_shortcodes
+    _max_shortcodes = max_shortcodes
     cap_threads()
     _die_with_parent()
     if service_pid is not None:
@@ -74,6 +81,7 @@ def init_worker(
     # supervisor's signal to the whole process group must not kill jobs mid-drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a hang-up drains the service like SIGTERM
     logs.configure(log_format, log_level)
     from threadpoolctl import threadpool_limits
 
@@ -283,6 +291,8 @@ def _process(job: Job, task_name: str, config: PipelineConfig) -> Computation:
         request_id=envelope.request_id, repo_id=envelope.repo_id
     ):
         log = logs.get_logger("deployflag.worker")
+        # The result (and its reply, built in the main process) grows with the shortcodes.
+        check_shortcodes(request, _max_shortcodes)
         try:
             computation = compute(request, config)
         except MemoryError:

@@ -169,11 +169,14 @@ def test_serve_with_an_unreachable_database_exits_75_without_the_password() -> N
         env={
             "DEPLOYFLAG_DATABASE_URL": f"postgresql+asyncpg://df:hunter2@127.0.0.1:{port}/df",
             "DEPLOYFLAG_HTTP_PORT": "0",
+            # The start-up wait for the database (a setting), kept short here.
+            "DEPLOYFLAG_DATABASE_CONNECT_TIMEOUT": "1",
         },
     )
     assert done.returncode == exitcodes.RET_DATABASE, done.stderr
     err = done.stderr.decode()
     assert "hunter2" not in err
+    assert "hunter2" not in done.stdout.decode()  # nor in the "not reachable yet" lines
     assert str(port) in err.splitlines()[-1]
 
 

@@ -71,12 +71,19 @@ class FakeStore:
         self.failures: list[tuple[str, str]] = []  # (request id, reason)
         self.claims: list[str] = []
         self.records: list[str] = []
+        self.digests: dict[str, tuple[str, str | int | None]] = {}  # body digest, repo id
         self.claim_script: Script = deque()
         self.record_script: Script = deque()
+        self.failure_script: Script = deque()
 
-    async def claim(self, request_id: str, repo_id: str | int | None) -> Claim:
+    async def claim(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
+    ) -> Claim:
         self.claims.append(request_id)
         await _play(self.claim_script)
+        known, known_repo = self.digests.setdefault(request_id, (body_digest or "", repo_id))
+        if body_digest and known and known != body_digest:
+            return Claim("conflict", self.attempts[request_id], known_repo_id=str(known_repo))
         if request_id in self.results:
             return Claim("done", self.attempts[request_id], self.results[request_id])
         self.attempts[request_id] += 1
@@ -94,6 +101,7 @@ class FakeStore:
     async def record_failure(
         self, request_id: str, repo_id: str | int | None, reason: str, error: str
     ) -> None:
+        await _play(self.failure_script)
         self.failures.append((request_id, reason))
 
 

@@ -179,7 +179,16 @@ def test_compose_service_environment_ports_and_stop(compose: dict[str, Any]) -> 
     assert env["DEPLOYFLAG_DATABASE_URL"].startswith("postgresql+asyncpg://")
     assert "@postgres:5432/" in env["DEPLOYFLAG_DATABASE_URL"]
     assert compose["services"]["migrate"]["environment"] == env
-    assert "${DEPLOYFLAG_PORT:-8080}:8080" in service["ports"]
+    # the health port on loopback only
+    assert (
+        "127.0.0.1:${DEPLOYFLAG_PORT:-8080}:8080" in service["ports"]
+    )  # the health port on loopback only
+    assert service["mem_limit"]
+    assert service["ulimits"]["nofile"]["soft"] >= 4096
+    broker_args = compose["services"]["rabbitmq"]["environment"][
+        "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"
+    ]
+    assert "max_message_size 67108864" in broker_args  # the broker-side size limit
     grace = service["stop_grace_period"]
     assert grace.endswith("s")
     assert int(grace[:-1]) > 60, "must exceed DEPLOYFLAG_DRAIN_TIMEOUT (60 s)"
@@ -210,3 +219,28 @@ def test_cloud_build_uses_kaniko_on_the_dockerfile(name: str, tags: list[str]) -
     assert [d.rpartition(":")[2] for d in destinations] == tags
     assert all(d.startswith("${_IMAGE}:") for d in destinations)
     assert "_IMAGE" in config["substitutions"]
+
+
+def _unit_values() -> dict[str, str]:
+    text = (ROOT / "docker" / "deployflag.service").read_text()
+    values = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            values[key.strip()] = value.strip()
+    return values
+
+
+def test_the_unit_survives_a_30_minute_broker_or_database_outage() -> None:
+    from deployflag.settings import load_settings
+
+    unit = _unit_values()
+    settings = load_settings()
+    restart = float(unit["RestartSec"])
+    window, burst = float(unit["StartLimitIntervalSec"]), int(unit["StartLimitBurst"])
+    assert window >= 1800
+    # The quickest failing start during an outage: the broker wait (the database wait is longer)
+    quickest = min(settings.broker_connect_timeout, settings.database_connect_timeout) + restart
+    assert window / quickest < burst, "systemd would give up during the outage"
+    assert int(unit["LimitNOFILE"]) >= 4096
+    assert unit["MemoryMax"]

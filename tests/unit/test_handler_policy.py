@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from aio_pika.exceptions import AMQPConnectionError
 
+from deployflag.broker import tolerant
 from deployflag.broker.publisher import Unroutable
 from deployflag.errors import FatalError, InvalidRequest, TransientError
 from deployflag.exitcodes import RET_CONFIG
+from deployflag.messages import Reply, encode_reply
 from deployflag.pool import JobTimeLimit, WorkerCrashed
 from tests.unit.handler_fakes import FakeMessage, rig
 
@@ -226,7 +229,7 @@ async def test_an_unroutable_reply_is_parked_reply_unroutable() -> None:
     assert r.store.records == ["r1"], "the result stays recorded"
 
 
-async def test_a_reply_over_the_size_limit_is_parked_reply_too_large() -> None:
+async def test_a_reply_over_the_size_limit_is_parked_before_the_result_is_recorded() -> None:
     r = rig(max_message_bytes=len(WORKED))
 
     def many_scores(*args: object) -> object:
@@ -242,6 +245,63 @@ async def test_a_reply_over_the_size_limit_is_parked_reply_too_large() -> None:
     assert message.settled == ["ack"]
     assert r.publisher.parked == [("r1", "reply_too_large")]
     assert r.publisher.replies == []
+    assert r.store.records == [], "not recorded as done: a redelivery must not be answered"
+    assert r.store.failures == [("r1", "reply_too_large")]
+
+
+async def test_the_reply_is_encoded_once_and_those_bytes_are_published(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from deployflag import handler
+
+    encoded: list[bytes] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Reply:
+        reply = encode_reply(*args, **kwargs)
+        encoded.append(reply.body)
+        return reply
+
+    monkeypatch.setattr(handler, "encode_reply", counting)
+    r = rig()
+    await r.deliver(request("r1"))
+    assert len(encoded) == 1, "size checked before the record, published after: one encoding"
+    assert r.publisher.replies[0].body is encoded[0]
+
+
+async def test_a_message_with_an_undecodable_property_is_parked_before_it_is_read() -> None:
+    r = rig()
+    cause = "message_id: UnicodeDecodeError (raw b'\\xff')"
+    message = request("u1", headers={tolerant.UNDECODABLE: cause})
+    await r.deliver(message)
+    assert message.settled == ["ack"]
+    [(_, reason)] = r.publisher.parked
+    assert reason == "undecodable_properties"
+    assert r.store.claims == [], "not claimed: its envelope is incomplete"
+    assert r.pool.calls == []
+
+
+async def test_a_value_the_database_refuses_is_parked_bad_data_even_when_unrecordable() -> None:
+    r = rig()
+    refused = InvalidRequest("bad_data", "the database refused a value: 22021")
+    r.store.claim_script.append(refused)
+    r.store.failure_script.append(refused)  # the same value in the failure row
+    message = await r.deliver(request("r1"))
+    assert message.settled == ["ack"], "parked at the first delivery, not requeued"
+    assert r.publisher.parked == [("r1", "bad_data")]
+    assert r.store.failures == []
+    assert r.count("parked", "bad_data") == 1
+
+
+async def test_a_known_id_with_another_body_is_parked_id_conflict_leaving_the_row_alone() -> None:
+    r = rig()
+    await r.deliver(request("R"))
+    other = orjson.dumps({**orjson.loads(WORKED), "repo_id": 99})
+    message = await r.deliver(FakeMessage(other, message_id="R"))
+    assert message.settled == ["ack"]
+    assert r.publisher.parked == [("R", "id_conflict")]
+    assert r.store.failures == [], "the row is the first body's: not marked failed"
+    assert len(r.publisher.replies) == 1, "never answered with the other body's result"
+    assert r.store.records == ["R"]
 
 
 # --- transient trouble ---------------------------------------------------------------------------
@@ -353,6 +413,29 @@ async def test_a_fatal_error_keeps_the_delivery_and_stops_the_service(stage: str
     assert r.fatal == [error]
     assert r.stopping.is_set()
     assert r.pool.calls.count("process") <= 1, "trained at most once"
+
+
+async def test_the_third_unexpected_failure_of_a_message_parks_it_internal_error() -> None:
+    r = rig()
+    for _ in range(3):
+        r.store.claim_script.append(RuntimeError("a bug"))
+    settled = [(await r.deliver(request("r1", redelivered=n > 0))).settled for n in range(3)]
+    assert settled == [["nack:requeue"], ["nack:requeue"], ["ack"]]
+    assert r.publisher.parked == [("r1", "internal_error")]
+    assert r.store.failures == [("r1", "internal_error")]
+    assert r.count("parked", "internal_error") == 1
+
+
+async def test_an_internal_error_park_that_cannot_be_recorded_parks_without_the_row() -> None:
+    r = rig()
+    for _ in range(3):
+        r.store.claim_script.append(RuntimeError("a bug"))
+    r.store.failure_script.append(RuntimeError("the record fails too"))
+    for n in range(3):
+        message = await r.deliver(request("r1", redelivered=n > 0))
+    assert message.settled == ["ack"]
+    assert r.publisher.parked == [("r1", "internal_error")]
+    assert r.store.failures == []
 
 
 async def test_an_unexpected_error_requeues_the_delivery_and_keeps_serving() -> None:

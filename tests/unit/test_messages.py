@@ -269,6 +269,7 @@ def test_plain_json_uses_the_message_id() -> None:
         "request_id": "m-1",
         "repo_id": 12860,
         "celery_protocol": None,
+        "body_digest": None,
     }
     assert decoded.request == REQUEST
 
@@ -299,6 +300,7 @@ def test_celery_protocol_2_request_in_args() -> None:
         "request_id": "t-1",
         "repo_id": 12860,
         "celery_protocol": 2,
+        "body_digest": None,
     }
     assert decoded.request == REQUEST
 

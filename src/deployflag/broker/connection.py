@@ -9,6 +9,7 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
 from deployflag import __version__, tls
+from deployflag.broker import tolerant
 from deployflag.settings import Settings
 
 
@@ -30,6 +31,8 @@ def connection_url(settings: Settings) -> str:
 
 
 async def connect(settings: Settings, *, name: str = "serve") -> AbstractRobustConnection:
+    # A property pamqp cannot decode must not kill the connection (and wedge the queue).
+    tolerant.install()
     connection = await aio_pika.connect_robust(
         connection_url(settings),
         timeout=10,

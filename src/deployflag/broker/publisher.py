@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
-from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 from aio_pika.exceptions import DeliveryError, PublishError
 
 from deployflag.messages import Reply
+from deployflag.poison import encodable_headers
 from deployflag.settings import Settings
 
 MAX_ERROR_HEADER = 2000  # characters of the error kept in x-deployflag-error
@@ -74,15 +74,16 @@ class Publisher:
         error: str,
     ) -> None:
         """Copy the message to the failed queue with the reason in its headers."""
-        headers: dict[str, Any] = dict(original.headers or {})
-        headers.update(
+        # The original headers, made encodable again and bounded in size (never dropped).
+        headers = encodable_headers(
+            original.headers,
             {
                 "x-deployflag-reason": reason,
                 "x-deployflag-error": error[:MAX_ERROR_HEADER],
                 "x-deployflag-request-id": request_id,
                 "x-deployflag-parked-at": datetime.now(UTC).isoformat(),
                 "x-deployflag-original-routing-key": original.routing_key,
-            }
+            },
         )
         message = aio_pika.Message(
             body=original.body,

@@ -2,6 +2,8 @@
 
 Transient: the database is unreachable, restarting, overloaded or timed out — retry with backoff.
 Fatal: the configuration is wrong (password, database name, schema) — stop and tell the operator.
+Bad data: the database refuses a value (SQLSTATE class 22, data exception: too long, NUL in
+text, out of range, bad encoding …) — the message carries it, so it is parked as bad input.
 Anything else (a bug, a constraint we did not expect) is left as it is.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
-from deployflag.errors import DeployflagError, FatalError, TransientError
+from deployflag.errors import DeployflagError, FatalError, InvalidRequest, TransientError
 from deployflag.exitcodes import RET_CONFIG
 from deployflag.redaction import redact
 from deployflag.tls import tls_failure
@@ -27,6 +29,7 @@ _FATAL_SQLSTATES = frozenset({"3D000", "42501"})  # no such database; permission
 # … and those that mean "try again later".
 _TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")  # connection, rollback, resources,
 _TRANSIENT_SQLSTATES = frozenset({"55P03", "55006"})  # operator intervention, I/O; lock timeouts
+_DATA_SQLSTATE_CLASS = "22"  # data exception: the value itself is wrong, retrying cannot help
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,16 @@ def _detail(exc: BaseException) -> str:
     return text[:MAX_DETAIL]
 
 
-def classify(exc: BaseException) -> type[TransientError] | type[FatalError] | None:
+def classify(
+    exc: BaseException,
+) -> type[TransientError] | type[FatalError] | type[InvalidRequest] | None:
     chain = list(_chain(exc))
     for item in chain:
         code = _sqlstate(item)
         if code is None:
             continue
+        if code.startswith(_DATA_SQLSTATE_CLASS):
+            return InvalidRequest
         if code in _FATAL_SQLSTATES or code.startswith(_FATAL_SQLSTATE_CLASSES):
             return FatalError
         if code in _TRANSIENT_SQLSTATES or code.startswith(_TRANSIENT_SQLSTATE_CLASSES):
@@ -126,6 +133,8 @@ def translate(exc: BaseException, target: Target) -> DeployflagError | None:
     detail = target.scrub(_detail(exc))
     if kind is TransientError:
         return TransientError(f"database unavailable: {target.where}: {detail}")
+    if kind is InvalidRequest:
+        return InvalidRequest("bad_data", f"the database refused a value: {detail}")
     if kind is FatalError:
         return FatalError(
             f"database refused us: {target.where}: {detail} (check DEPLOYFLAG_DATABASE_URL)",

@@ -27,7 +27,8 @@ from sqlalchemy.dialects.sqlite.base import SQLiteDialect
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from deployflag.errors import FatalError
+from deployflag import logs
+from deployflag.errors import FatalError, InvalidRequest
 from deployflag.exitcodes import RET_CONFIG
 from deployflag.messages import TrainingResult
 from deployflag.pipeline.config import PipelineConfig
@@ -46,6 +47,7 @@ from deployflag.store.tables import (
 )
 
 MAX_ERROR_LENGTH = 10_000
+_log = logs.get_logger("deployflag.store")
 T = TypeVar("T")
 
 _requests: Table = TrainingRequest.__table__  # type: ignore[assignment]
@@ -59,9 +61,11 @@ _metadata_insert = plain_insert(_metadata)
 class Claim:
     """What :meth:`Store.claim` found: work to do (``pending``) or a stored result (``done``)."""
 
-    status: Literal["pending", "done"]
+    status: Literal["pending", "done", "conflict"]
     attempts: int
     result: dict[str, Any] | None = None
+    # ``conflict``: the request id is known with another body; the stored row's repo id.
+    known_repo_id: str | None = None
 
 
 @cache
@@ -212,15 +216,32 @@ class Store:
         return text(compiled.string).bindparams(*binds.values())
 
     def _request_upsert(
-        self, values: dict[str, Any], changes: Callable[[Any], dict[str, Any]]
+        self,
+        values: dict[str, Any],
+        changes: Callable[[Any], dict[str, Any]],
+        *,
+        same_body: bool = False,
     ) -> PgInsert | SqliteInsert:
         """Insert the request's row, or apply ``changes(excluded)`` to it unless it is done.
 
         Every transition keeps a known repo id and stamps ``updated_at`` with the row's time.
+        ``same_body``: change the row only when its body digest (where both are known) matches.
         """
         t = _requests
         insert = self._insert(t).values(**values)
         excluded = insert.excluded
+        where = t.c.status != "done"
+        if same_body:
+            where = where & (
+                t.c.body_digest.is_(None)
+                | excluded.body_digest.is_(None)
+                | (t.c.body_digest == excluded.body_digest)
+            )
+            changes_ = changes
+            changes = lambda ex: {  # noqa: E731
+                **changes_(ex),
+                "body_digest": func.coalesce(t.c.body_digest, ex.body_digest),
+            }
         return insert.on_conflict_do_update(
             index_elements=[t.c.request_id],
             set_={
@@ -228,7 +249,7 @@ class Store:
                 "repo_id": func.coalesce(excluded.repo_id, t.c.repo_id),
                 "updated_at": values["updated_at"],
             },
-            where=t.c.status != "done",
+            where=where,
         )
 
     @staticmethod
@@ -249,7 +270,9 @@ class Store:
     def _claim_upsert(self) -> Any:
         t = _requests
         upsert = self._request_upsert(
-            self._bound_row(status="pending"),
+            self._bound_row(
+                status="pending", body_digest=bindparam("body_digest", type_=t.c.body_digest.type)
+            ),
             lambda _: {
                 "status": "pending",
                 "attempts": case((t.c.status == "parked", 1), else_=t.c.attempts + 1),
@@ -257,6 +280,7 @@ class Store:
                 "error": None,
                 "finished_at": None,
             },
+            same_body=True,
         )
         return self._reusable(upsert.returning(t.c.attempts))
 
@@ -279,24 +303,37 @@ class Store:
 
     # --- requests ------------------------------------------------------------------------
 
-    async def claim(self, request_id: str, repo_id: str | int | None) -> Claim:
+    async def claim(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
+    ) -> Claim:
         """Start (or restart) work on a request, counting the attempt.
 
         New → pending, attempts 1; pending → attempts + 1; parked → pending again with attempts 1
-        (a re-drive from the failed queue); done → unchanged, with its stored result.
+        (a re-drive from the failed queue); done → unchanged, with its stored result. A row whose
+        body digest differs from ``body_digest`` (both known) is left alone: ``conflict``.
         """
         t = _requests
         upsert = self._claim_upsert
-        values = {"request_id": request_id, "repo_id": _text_id(repo_id), "now": utcnow()}
+        values = {
+            "request_id": request_id,
+            "repo_id": _text_id(repo_id),
+            "now": utcnow(),
+            "body_digest": body_digest,
+        }
 
         def transaction(conn: Connection) -> Claim:
             attempts = conn.execute(upsert, values).scalar_one_or_none()
             if attempts is not None:
                 return Claim(status="pending", attempts=attempts)
-            # Nothing was written, so the row is done: a final state, safe to read afterwards.
+            # Nothing was written: the row is done, or holds another body (its digest never
+            # changes once set), so what is read here is final.
             row = conn.execute(
-                select(t.c.attempts, t.c.result).where(t.c.request_id == request_id)
+                select(t.c.attempts, t.c.result, t.c.body_digest, t.c.repo_id).where(
+                    t.c.request_id == request_id
+                )
             ).one()
+            if body_digest is not None and row.body_digest not in (None, body_digest):
+                return Claim(status="conflict", attempts=row.attempts, known_repo_id=row.repo_id)
             return Claim(status="done", attempts=row.attempts, result=row.result)
 
         return await self._write(transaction)
@@ -443,7 +480,12 @@ class Store:
                 "finished_at": now,
             },
         )
-        await self._write(lambda conn: conn.execute(upsert))
+        try:
+            await self._write(lambda conn: conn.execute(upsert))
+        except InvalidRequest as exc:
+            # The database refuses the ids themselves (a data exception): the parked copy on
+            # the failed queue is then the only record, and it carries the reason.
+            _log.warning("failure not recorded: the database refused the row", error=exc.message)
 
     async def get_request(self, request_id: str) -> dict[str, Any] | None:
         """The request's row as a dict (for tests and audit), or None."""

@@ -35,6 +35,7 @@ NAMING_CONVENTION = {
 
 ID_LENGTH = 255  # request ids and repo ids (messages.MAX_ID_LENGTH)
 REASON_LENGTH = 64
+DIGEST_LENGTH = 64
 VERSION_LENGTH = 255
 REQUEST_STATUSES = ("pending", "done", "parked")
 
@@ -163,6 +164,8 @@ class TrainingRequest(Base):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # SHA-256 (hex) of the body that first claimed this request id; NULL before revision 0003.
+    body_digest: Mapped[str | None] = mapped_column(String(DIGEST_LENGTH))
 
 
 class RequestPark(Base):
