@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 import pytest
 from pamqp import commands, encode, header
@@ -60,12 +61,25 @@ def _decode(properties: dict[str, object]) -> commands.Basic.Properties:
 
 
 @pytest.fixture
-def tolerant_decoding() -> object:
+def tolerant_decoding() -> Iterator[None]:
+    was = tolerant.installed()
     tolerant.install()
     yield
+    if not was:
+        tolerant.uninstall()
+
+
+@pytest.fixture
+def plain_decoding() -> Iterator[None]:
+    # An in-process connection earlier in the session installs the tolerant decoder for good.
+    was = tolerant.installed()
     tolerant.uninstall()
+    yield
+    if was:
+        tolerant.install()
 
 
+@pytest.mark.usefixtures("plain_decoding")
 def test_pamqp_alone_cannot_decode_these_properties() -> None:
     with pytest.raises(UnicodeDecodeError):
         _decode({"message_id": Raw(b"\x02\xff\xfe")})

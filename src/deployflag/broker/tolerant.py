@@ -86,6 +86,10 @@ def install() -> None:
         _installed = True
 
 
+def installed() -> bool:
+    return _installed
+
+
 def uninstall() -> None:
     """Restore pamqp's own decoder (tests)."""
     global _installed
