@@ -176,7 +176,11 @@ async def test_sqlite_read_only_at_start_keeps_the_queue_and_catches_up(
             await tally.publish(WORKED, message_id=f"req-{i:03d}")
         await asyncio.to_thread(small_disk.read_only, True)
         try:
-            refused = start_service(env, ready=False)
+            # The service waits for a database it cannot write to like for one that is down:
+            # bound the wait so the start gives up (exit 75) while the queue is watched.
+            refused = start_service(
+                {**env, "DEPLOYFLAG_DATABASE_CONNECT_TIMEOUT": "3"}, ready=False
+            )
             code = await asyncio.to_thread(refused.wait, 90)
             error = [line for line in refused.log().splitlines() if line.startswith("deployflag:")]
             ready, _ = await queue_counts(rabbit_url, names.queue("training"))
