@@ -188,5 +188,10 @@ async def test_request_over_the_memory_limit_is_parked_and_a_normal_one_answered
         )
     # Refused before anything crashed: no pool rebuild, and the service stays ready.
     assert metric(service, "deployflag_pool_rebuilds_total", cause="crash") == 0
-    assert [line["outcome"] for line in finished_lines([service])].count("parked") == 1
+    # The parked copy is published before the delivery's summary line is written: wait for it.
+    await async_wait_until(
+        lambda: [line["outcome"] for line in finished_lines([service])].count("parked") == 1,
+        timeout=30,
+        what="one parked summary line",
+    )
     assert service.is_ready()

@@ -1,6 +1,10 @@
 #!/bin/sh
-# POSTGRES_USER / POSTGRES_PASSWORD / POSTGRES_DB as the official image reads them.
+# POSTGRES_USER / POSTGRES_PASSWORD (or POSTGRES_PASSWORD_FILE) / POSTGRES_DB as the official
+# image reads them.
 set -e
+if [ -n "${POSTGRES_PASSWORD_FILE:-}" ]; then
+  POSTGRES_PASSWORD=$(cat "$POSTGRES_PASSWORD_FILE")
+fi
 PGDATA=/var/lib/postgresql/data
 BIN=$(ls -d /usr/lib/postgresql/*/bin | tail -n1)
 mkdir -p "$PGDATA" /var/run/postgresql
