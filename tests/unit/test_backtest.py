@@ -48,7 +48,8 @@ def test_a_known_order_is_found_by_the_default_scoring() -> None:
 
 
 def test_every_candidate_is_reported_once() -> None:
-    report = backtest.run(validate_request(generate("reference", seed=2)), PipelineConfig())
+    req = validate_request(generate("reference", seed=2))
+    report = backtest.run(req, PipelineConfig())
     keys = [(c.scoring, c.recency, c.model_weight) for c in report.candidates]
     assert keys == [("seed", None, None)] + [
         ("forecast", r, w) for r in ("none", "60", "auto") for w in (0.0, 0.2, 0.5)
@@ -59,7 +60,7 @@ def test_every_candidate_is_reported_once() -> None:
         assert c.top_third_share is not None
         assert 0.0 <= c.top_third_share <= 1.0
     # The later events are the pair events after the 80 % point, counted independently
-    cols = events.columns(validate_request(generate("reference", seed=2)))
+    cols = events.columns(req)
     cut = fix_rate.backtest_cut(*forecast.time_span(cols))
     later = pair_events.build(cols).time > cut
     assert report.later_events == int(later.sum())
