@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -46,3 +47,21 @@ class FatalError(DeployflagError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def exception_chain(exc: BaseException, *, suppressed: bool) -> Iterator[BaseException]:
+    """The exception, what it wraps (a driver's ``.orig``) and what caused it, outermost first,
+    each once. ``suppressed``: also follow a context hidden by ``raise … from None``."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        hidden = current.__suppress_context__ and not suppressed
+        context = None if hidden else current.__context__
+        for nxt in (getattr(current, "orig", None), current.__cause__, context):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)

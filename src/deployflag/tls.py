@@ -16,10 +16,9 @@ start-up stops with exit 78 instead of looping.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
-from deployflag.errors import FatalError
+from deployflag.errors import FatalError, exception_chain
 from deployflag.exitcodes import RET_CONFIG
 
 # Handshake failures that mean "the peer is not what the settings say", as opposed to a peer that
@@ -104,27 +103,13 @@ def database_context(
     )
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        for nxt in (getattr(current, "orig", None), current.__cause__, current.__context__):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
 def tls_failure(exc: BaseException) -> str | None:
     """One line naming the TLS problem behind ``exc``, or None when it is not one.
 
     A certificate that fails verification (unknown CA, wrong host name, expired), a server that
     does not speak TLS, or one that refuses our client certificate.
     """
-    for item in _chain(exc):
+    for item in exception_chain(exc, suppressed=True):
         if isinstance(item, ssl.SSLCertVerificationError):
             return f"certificate verification failed: {item.verify_message or item.reason}"
         if isinstance(item, ssl.SSLError) and not isinstance(item, _TRANSIENT_SSL_ERRORS):

@@ -9,14 +9,20 @@ Anything else (a bug, a constraint we did not expect) is left as it is.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
-from deployflag.errors import DeployflagError, FatalError, InvalidRequest, TransientError
+from deployflag.errors import (
+    DeployflagError,
+    FatalError,
+    InvalidRequest,
+    TransientError,
+    exception_chain,
+)
 from deployflag.exitcodes import RET_CONFIG
 from deployflag.redaction import redact
 from deployflag.tls import tls_failure
@@ -55,22 +61,6 @@ class Target:
         return text
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """The exception, what it wraps (``.orig``) and what caused it, outermost first."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        current = todo.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        context = None if current.__suppress_context__ else current.__context__
-        for nxt in (getattr(current, "orig", None), current.__cause__, context):
-            if isinstance(nxt, BaseException):
-                todo.append(nxt)
-
-
 def _sqlstate(exc: BaseException) -> str | None:
     for attr in ("sqlstate", "pgcode"):
         value = getattr(exc, attr, None)
@@ -81,7 +71,11 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 def _detail(exc: BaseException) -> str:
     """The driver's own words, first line only (SQLAlchemy's wrappers add SQL and links)."""
-    inner = [e for e in _chain(exc) if not isinstance(e, sa_exc.SQLAlchemyError)]
+    inner = [
+        e
+        for e in exception_chain(exc, suppressed=False)
+        if not isinstance(e, sa_exc.SQLAlchemyError)
+    ]
     coded = [e for e in inner if _sqlstate(e)]
     best = coded[-1] if coded else inner[0] if inner else exc
     text = str(best).strip()
@@ -95,7 +89,7 @@ def _detail(exc: BaseException) -> str:
 def classify(
     exc: BaseException,
 ) -> type[TransientError] | type[FatalError] | type[InvalidRequest] | None:
-    chain = list(_chain(exc))
+    chain = list(exception_chain(exc, suppressed=False))
     for item in chain:
         code = _sqlstate(item)
         if code is None:
