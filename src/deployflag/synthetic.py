@@ -3,7 +3,8 @@ tests, examples and benchmarks.
 
 The data carry a learnable signal. Each shortcode has a latent fix propensity (log-odds) set by
 its issue type and severity plus noise; on top of it a per-shortcode "heat" rises when the team
-fixes occurrences (or starts a clean-up) and fades over a couple of weeks. The default branch
+fixes occurrences (or starts a clean-up, which it does more often the higher the propensity) and
+fades over a couple of weeks. The default branch
 drops occurrences more often while hot, and a branch segment resolves some with a probability
 that grows with the heat at its start and with the number of occurrences.
 
@@ -141,8 +142,10 @@ def generate_with_truth(
     for r in range(n_hist_runs):
         gap = 0.0 if r == 0 else (hist_t[r] - hist_t[r - 1]) / _US_PER_DAY
         h = h * math.exp(-gap / _HEAT_DAYS)
-        h = np.where(rng.random(k) < 0.015, 1.0, h)  # a clean-up starts
         now = propensity_at(int(hist_t[r]))
+        # A team starts a clean-up of the issues it cares about: on average 1.5 % of runs, more
+        # often the higher the propensity, so the bursts carry the same signal as single fixes.
+        h = np.where(rng.random(k) < 0.03 * _sigmoid(now), 1.0, h)
         p_drop = 0.0 if never_fixed else _sigmoid(now - 4.5 + 5.0 * h) * (f > 0)
         drop = rng.random(k) < p_drop
         amount = 1 + rng.binomial(np.maximum(f - 1, 0), rng.beta(2.0, 3.0, k))
