@@ -407,9 +407,26 @@ def _varied() -> set[str]:
     return {k for k, v in LARGER_GRID.items() if len(v) > 1}
 
 
+# The variables the service's workers set (deployflag.worker.cap_threads), for every library.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _cap_native_threads(threads: int) -> None:
+    """Cap native threads as a service worker does, before numpy or scikit-learn load.
+
+    threadpool_limits alone caps only the libraries loaded when it is entered; the pipeline
+    imports numpy, SciPy's OpenBLAS and scikit-learn's OpenMP lazily, inside it, so without
+    these variables they ran with one thread per core and the fits were several times slower
+    on a busy machine than in a worker.
+    """
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, path, *rest = sys.argv[2:]
+        _cap_native_threads(int(rest[-1]))  # every child takes the thread count last
         out: Any
         if kind == "stages":
             out = child_stages(path, int(rest[0]), int(rest[1]))
