@@ -107,7 +107,7 @@ RepoId = Annotated[
 # field and names the row in its errors. Unknown columns are ignored: the upstream adds
 # columns over time. Optional fields are always present (None when absent from the input).
 _ROW_CONFIG = ConfigDict(extra="ignore")
-Optional = Annotated[StrictStr | None, Field(default=None)]
+OptionalText = Annotated[StrictStr | None, Field(default=None)]
 
 
 @with_config(_ROW_CONFIG)
@@ -115,12 +115,12 @@ class AnalysisRun(TypedDict):
     """One ``analysis_run`` row: a run on a branch (the "daily" data)."""
 
     branch_name: Annotated[StrictStr, Field(max_length=500)]
-    base_oid: Optional
+    base_oid: OptionalText
     created_at: Timestamp
     shortcode: Text
     frequency_detected: Frequency
-    issue_type: Optional
-    severity: Optional
+    issue_type: OptionalText
+    severity: OptionalText
 
 
 @with_config(_ROW_CONFIG)
@@ -130,8 +130,8 @@ class HistoricalRun(TypedDict):
     timestamp: Timestamp
     shortcode: Text
     frequency: Frequency
-    issue_type: Optional
-    severity: Optional
+    issue_type: OptionalText
+    severity: OptionalText
 
 
 class TrainingRequest(BaseModel):
