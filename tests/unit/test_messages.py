@@ -90,9 +90,9 @@ def test_a_full_request_validates() -> None:
     req = validate_request(REQUEST)
     assert req.repo_id == 12860
     [row] = req.analysis_run
-    assert row.created_at == datetime(2021, 3, 4, 10, 11, 12, 123456, tzinfo=UTC)
-    assert row.base_oid is None
-    assert req.historical_run[0].frequency == 20
+    assert row["created_at"] == datetime(2021, 3, 4, 10, 11, 12, 123456, tzinfo=UTC)
+    assert row["base_oid"] is None
+    assert req.historical_run[0]["frequency"] == 20
 
 
 def test_unknown_extra_fields_are_ignored() -> None:
@@ -104,8 +104,9 @@ def test_unknown_extra_fields_are_ignored() -> None:
         )
     )
     assert not hasattr(req, "new_top_level")
-    assert not hasattr(req.analysis_run[0], "added_later")
-    assert "commit_oid" not in req.analysis_run[0].model_dump()
+    assert "added_later" not in req.analysis_run[0]
+    assert "commit_oid" not in req.analysis_run[0]
+    assert "another" not in req.historical_run[0]
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,7 @@ def test_unknown_extra_fields_are_ignored() -> None:
 )
 def test_timestamps_end_up_in_utc(text: str, expected: datetime) -> None:
     req = validate_request(payload(historical_run=[{**HISTORICAL, "timestamp": text}]))
-    stamp = req.historical_run[0].timestamp
+    stamp = req.historical_run[0]["timestamp"]
     assert stamp == expected
     assert stamp.utcoffset() is not None
     assert stamp.utcoffset().total_seconds() == 0  # type: ignore[union-attr]
@@ -132,12 +133,28 @@ def test_empty_lists_are_valid() -> None:
 def test_zero_frequencies_and_optional_fields() -> None:
     row = {k: v for k, v in ANALYSIS.items() if k not in ("issue_type", "severity", "base_oid")}
     req = validate_request(payload(analysis_run=[{**row, "frequency_detected": 0}]))
-    assert req.analysis_run[0].frequency_detected == 0
-    assert req.analysis_run[0].issue_type is None
+    assert req.analysis_run[0]["frequency_detected"] == 0
+    # Absent optional fields are present as None, so the pipeline can index every row alike.
+    assert req.analysis_run[0]["issue_type"] is None
+    assert req.analysis_run[0]["severity"] is None
+    assert req.analysis_run[0]["base_oid"] is None
 
 
 def test_parse_request_reads_bytes() -> None:
     assert parse_request(orjson.dumps(REQUEST)) == validate_request(REQUEST)
+
+
+def test_bytes_and_objects_give_the_same_rows() -> None:
+    # The plain-JSON path validates bytes, the Celery path parsed objects: one row shape.
+    sparse = {k: v for k, v in ANALYSIS.items() if k not in ("issue_type", "severity")}
+    obj = payload(analysis_run=[sparse, ANALYSIS], historical_run=[HISTORICAL])
+    from_bytes, from_object = parse_request(orjson.dumps(obj)), validate_request(obj)
+    assert from_bytes.analysis_run == from_object.analysis_run
+    assert from_bytes.historical_run == from_object.historical_run
+    assert set(from_bytes.analysis_run[0]) == {
+        "branch_name", "base_oid", "created_at", "shortcode", "frequency_detected",
+        "issue_type", "severity",
+    }  # fmt: skip
 
 
 # --- invalid requests: reason code and a message naming list, row and field ---------------------
@@ -207,6 +224,39 @@ def test_invalid_historical_row(field: str, value: Any, reason: str) -> None:
     error = invalid(payload(historical_run=[{**HISTORICAL, field: value}]))
     assert error.reason == reason
     assert error.message.startswith(f"historical_run[0].{field}: ")
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        payload(analysis_run=[ANALYSIS, {**ANALYSIS, "created_at": 1614852672}]),
+        payload(historical_run=[{**HISTORICAL, "frequency": -3}]),
+        payload(historical_run=[{k: v for k, v in HISTORICAL.items() if k != "shortcode"}]),
+    ],
+)
+def test_bytes_and_objects_give_the_same_error(obj: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest) as from_bytes:
+        parse_request(orjson.dumps(obj))
+    from_object = invalid(obj)
+    assert (from_bytes.value.reason, from_bytes.value.message) == (
+        from_object.reason,
+        from_object.message,
+    )
+
+
+def test_a_row_that_is_not_an_object() -> None:
+    obj = payload(analysis_run=[ANALYSIS, 5])
+    error = invalid(obj)
+    assert (error.reason, error.message) == (
+        "invalid_field",
+        "analysis_run[1]: Input should be a valid dictionary",
+    )
+    with pytest.raises(InvalidRequest) as from_bytes:
+        parse_request(orjson.dumps(obj))
+    assert (from_bytes.value.reason, from_bytes.value.message) == (
+        "invalid_field",
+        "analysis_run[1]: Input should be an object",
+    )
 
 
 def test_missing_historical_field() -> None:

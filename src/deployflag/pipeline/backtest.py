@@ -66,8 +66,8 @@ def _label(recency: Recency) -> str:
 def _before(request: TrainingRequest, cut: datetime) -> TrainingRequest:
     return request.model_copy(
         update={
-            "analysis_run": [r for r in request.analysis_run if r.created_at <= cut],
-            "historical_run": [r for r in request.historical_run if r.timestamp <= cut],
+            "analysis_run": [r for r in request.analysis_run if r["created_at"] <= cut],
+            "historical_run": [r for r in request.historical_run if r["timestamp"] <= cut],
         }
     )
 
@@ -143,8 +143,8 @@ def run(request: TrainingRequest, base: PipelineConfig) -> BacktestReport:
 
 
 def _names(request: TrainingRequest) -> set[str]:
-    return {r.shortcode for r in request.analysis_run} | {
-        r.shortcode for r in request.historical_run
+    return {r["shortcode"] for r in request.analysis_run} | {
+        r["shortcode"] for r in request.historical_run
     }
 
 

@@ -79,24 +79,25 @@ class Columns:
 
 def columns(request: TrainingRequest) -> Columns:
     daily, hist = request.analysis_run, request.historical_run
-    first_seen, names = encode([r.shortcode for r in daily] + [r.shortcode for r in hist])
+    first_seen, names = encode([r["shortcode"] for r in daily] + [r["shortcode"] for r in hist])
     # Codes in sorted shortcode order: the evaluation order ties on shortcode.
     rank = np.empty(len(names), dtype=np.int64)
     rank[sorted(range(len(names)), key=lambda i: str(names[i]))] = np.arange(len(names))
     code = rank[first_seen] if len(first_seen) else first_seen
-    base, _ = encode([r.base_oid for r in daily])
+    bases = [r["base_oid"] for r in daily]
+    base, _ = encode(bases)
     # A null base_oid counts as a value of its own; give it the code NULL.
-    null = np.asarray([r.base_oid is None for r in daily], dtype=np.bool_)
+    null = np.asarray([b is None for b in bases], dtype=np.bool_)
     return Columns(
         shortcodes=tuple(sorted(str(n) for n in names)),
         daily_code=code[: len(daily)],
-        daily_time=np.asarray([micros(r.created_at) for r in daily], dtype=np.int64),
-        daily_freq=np.asarray([r.frequency_detected for r in daily], dtype=np.int64),
-        daily_branch=encode([r.branch_name for r in daily])[0],
+        daily_time=np.asarray([micros(r["created_at"]) for r in daily], dtype=np.int64),
+        daily_freq=np.asarray([r["frequency_detected"] for r in daily], dtype=np.int64),
+        daily_branch=encode([r["branch_name"] for r in daily])[0],
         daily_base=np.where(null, NULL, base),
         hist_code=code[len(daily) :],
-        hist_time=np.asarray([micros(r.timestamp) for r in hist], dtype=np.int64),
-        hist_freq=np.asarray([r.frequency for r in hist], dtype=np.int64),
+        hist_time=np.asarray([micros(r["timestamp"]) for r in hist], dtype=np.int64),
+        hist_freq=np.asarray([r["frequency"] for r in hist], dtype=np.int64),
     )
 
 

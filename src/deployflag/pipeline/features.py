@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
-from deployflag.messages import TrainingRequest
+from deployflag.messages import AnalysisRun, HistoricalRun, TrainingRequest
 from deployflag.pipeline.events import DAY_US, F64, I64, Bool, Columns, Events, group_starts
 
 TYPE_CATEGORIES = (
@@ -81,6 +81,7 @@ def shortcode_info(request: TrainingRequest, cols: Columns) -> Shortcodes:
     n = len(cols.shortcodes)
     first: list[tuple[str | None, str | None]] = [(None, None)] * n
     # Historical first, so that analysis rows overwrite: the analysis row wins when both exist.
+    rows: list[AnalysisRun] | list[HistoricalRun]
     for rows, codes in (
         (request.historical_run, cols.hist_code),
         (request.analysis_run, cols.daily_code),
@@ -88,7 +89,7 @@ def shortcode_info(request: TrainingRequest, cols: Columns) -> Shortcodes:
         if len(codes):
             found, index = np.unique(codes, return_index=True)
             for c, i in zip(found.tolist(), index.tolist(), strict=True):
-                first[c] = (rows[i].issue_type, rows[i].severity)
+                first[c] = (rows[i]["issue_type"], rows[i]["severity"])
     return Shortcodes(
         names=cols.shortcodes,
         severity=np.asarray([severity_score(s) for _, s in first], dtype=np.int64),
