@@ -5,7 +5,8 @@ directory; the cluster has an Erlang cookie of its own (a ``HOME`` of its own ho
 nodes and command-line tools read an environment file of their own, so nothing here depends on,
 or touches, the machine's broker (``rabbit@localhost`` on 5672) beyond sharing epmd. The nodes boot
 in parallel, then the others join the first. :meth:`RabbitCluster.shutdown` stops every node and
-kills what did not stop: no node outlives the cluster object's ``with`` block.
+kills what did not stop: no node outlives the cluster object's ``with`` block, and a watchdog
+process kills the nodes if the test process dies without a teardown.
 
 As root the nodes run as the ``rabbitmq`` user the package creates; otherwise as the caller.
 
@@ -23,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -75,6 +77,27 @@ def _port_block(size: int) -> int:
             for sock in socks:
                 sock.close()
     raise ClusterError(f"no block of {size} free ports found")
+
+
+# Runs beside the test process: if that dies without tearing the cluster down (SIGKILL, a CI job
+# cancelled), this kills the nodes (by the pid files they write) and removes their data.
+_WATCHDOG = """
+import os, shutil, signal, sys, time
+parent, root = int(sys.argv[1]), sys.argv[2]
+while os.path.isdir(root):
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        for entry in os.listdir(root):
+            try:
+                with open(os.path.join(root, entry, "rabbitmq.pid")) as pid_file:
+                    os.kill(int(pid_file.read().strip()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+        shutil.rmtree(root, ignore_errors=True)
+        break
+    time.sleep(1)
+"""
 
 
 def _parallel(function: Callable[[ClusterNode], T], nodes: Sequence[ClusterNode]) -> list[T]:
@@ -197,6 +220,13 @@ class RabbitCluster:
         if not (RABBIT_BIN / "rabbitmq-server").is_file():
             raise ClusterError("rabbitmq-server not installed: run `scripts/services.sh test-deps`")
         self._prepare()
+        subprocess.Popen(  # ends by itself once the cluster's directory is gone
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         _parallel(self._boot, self.nodes)
         first, *others = self.nodes
 
