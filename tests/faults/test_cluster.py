@@ -40,13 +40,11 @@ QUORUM = {"x-queue-type": "quorum"}
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RabbitCluster]:
     try:
-        running = RabbitCluster(3).__enter__()
-    except (ClusterError, OSError) as exc:
-        pytest.fail(f"could not start a 3-node RabbitMQ cluster: {exc}", pytrace=False)
-    try:
+        nodes = RabbitCluster(3)
+    except ClusterError as exc:
+        pytest.fail(f"cannot run a RabbitMQ cluster here: {exc}", pytrace=False)
+    with nodes as running:  # every node stopped afterwards, also when the start fails
         yield running
-    finally:
-        running.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -113,10 +113,12 @@ class RabbitCluster:
         if size < 1:
             raise ValueError("a cluster needs a node")
         self.size = size
+        self.user = self._user()
         self.root = Path(tempfile.mkdtemp(prefix="deployflag-cluster-", dir="/tmp"))
         self.home = self.root / "home"  # the cookie, for the nodes and the command-line tools
         self.env_file = self.root / "rabbitmq-env.conf"
         self.ctl_ports = _port_block(11)  # the command-line tools' own distribution ports
+        self._watchdog: subprocess.Popen[bytes] | None = None
         tag = uuid.uuid4().hex[:6]
         self.nodes = [
             ClusterNode(
@@ -128,7 +130,6 @@ class RabbitCluster:
             )
             for i in range(1, size + 1)
         ]
-        self.user = self._user()
 
     # --- context ------------------------------------------------------------------------------
 
@@ -196,10 +197,6 @@ class RabbitCluster:
         """``rabbitmqctl -n NODE -q ARGS``; its output, or ClusterError."""
         return self._tool("rabbitmqctl", node, *args, timeout=timeout)
 
-    def queues_tool(self, node: ClusterNode, *args: str, timeout: float = CTL_TIMEOUT) -> str:
-        """``rabbitmq-queues -n NODE -q ARGS``."""
-        return self._tool("rabbitmq-queues", node, *args, timeout=timeout)
-
     def _tool(self, tool: str, node: ClusterNode, *args: str, timeout: float) -> str:
         done = subprocess.run(
             self._command(tool, "-n", node.name, "-q", *args),
@@ -220,7 +217,7 @@ class RabbitCluster:
         if not (RABBIT_BIN / "rabbitmq-server").is_file():
             raise ClusterError("rabbitmq-server not installed: run `scripts/services.sh test-deps`")
         self._prepare()
-        subprocess.Popen(  # ends by itself once the cluster's directory is gone
+        self._watchdog = subprocess.Popen(  # ends by itself once the cluster's directory is gone
             [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(self.root)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -329,6 +326,10 @@ class RabbitCluster:
             _parallel(stop, self.nodes)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self._watchdog is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._watchdog.wait(timeout=5)  # it polls once a second
+                self._watchdog = None
 
     # --- facts --------------------------------------------------------------------------------
 
