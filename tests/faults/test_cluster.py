@@ -29,7 +29,7 @@ from tests.support.broker import Names, ServiceProcess
 from tests.support.cluster import ClusterError, ClusterNode, RabbitCluster
 from tests.support.toolkit import async_wait_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.rabbitmq]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
