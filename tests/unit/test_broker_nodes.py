@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from aio_pika.abc import UnderlayConnection
 from yarl import URL
 
 from deployflag.broker import connection as broker_connection
+from deployflag.broker import tolerant
 from deployflag.broker.nodes import NodeRing, check_urls, describe, split_urls
 from deployflag.settings import ConfigError, load_settings
 from tests.support.toolkit import async_wait_until
@@ -198,14 +200,17 @@ class FakeCluster:
 
 
 @pytest.fixture
-def fake_cluster(monkeypatch: pytest.MonkeyPatch) -> FakeCluster:
+def fake_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeCluster]:
     fake = FakeCluster(down=set())
 
     async def make_connection(cls: Any, url: URL, timeout: Any = None, **kw: Any) -> FakeAmqp:
         return await fake.make_connection(url, timeout, **kw)
 
     monkeypatch.setattr(UnderlayConnection, "make_connection", classmethod(make_connection))
-    return fake
+    was_tolerant = tolerant.installed()
+    yield fake
+    if not was_tolerant:  # connect() installs the tolerant decoder: leave the process as found
+        tolerant.uninstall()
 
 
 async def _wait_for(condition: Any, what: str) -> None:
