@@ -18,7 +18,7 @@ from typing import Any
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
 from deployflag import __version__, logs, sentry, systemd, tls
-from deployflag.broker import topology
+from deployflag.broker import nodes, topology
 from deployflag.broker.blocking import watch_blocked
 from deployflag.broker.connection import connect
 from deployflag.broker.publisher import Publisher
@@ -166,7 +166,7 @@ class Service:
                 error = exc
             if waited >= self.settings.broker_connect_timeout or self.stopping.is_set():
                 raise FatalError(
-                    f"broker unreachable at {redact(self.settings.broker_url)}: "
+                    f"broker unreachable at {nodes.describe(self.settings.broker_urls)}: "
                     f"{redact(str(error))}",
                     RET_BROKER,
                 )
@@ -183,7 +183,7 @@ class Service:
             if "ACCESS_REFUSED" in str(exc) or "authentication" in str(exc).lower():
                 raise FatalError(
                     f"broker refused the credentials of "
-                    f"{redact(self.settings.broker_url)}: {redact(str(exc))}",
+                    f"{nodes.describe(self.settings.broker_urls)}: {redact(str(exc))}",
                     RET_CONFIG,
                 ) from None
             failure = tls.tls_failure(exc)
@@ -191,7 +191,7 @@ class Service:
                 raise
             # Retrying cannot make a certificate valid: stop with a configuration error.
             raise FatalError(
-                f"broker TLS at {redact(self.settings.broker_url)}: {failure} "
+                f"broker TLS at {nodes.describe(self.settings.broker_urls)}: {failure} "
                 "(check DEPLOYFLAG_AMQP_CA_FILE and the URL's host name)",
                 RET_CONFIG,
             ) from None

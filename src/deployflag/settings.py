@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
 from deployflag import tls_settings
+from deployflag.broker import nodes
 from deployflag.pipeline.config import (
     DEFAULT_PARAM_GRID,
     ModelSpec,
@@ -79,7 +80,8 @@ class Settings(BaseSettings):
     amqp_url: SecretStr = Field(
         SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
         validation_alias=_env("amqp_url", "CELERY_BROKER_URL"),
-        description="Broker URL, amqp:// or amqps://.",
+        description="Broker URL, amqp:// or amqps://; for a cluster, every node's URL, "
+        "comma-separated (the service fails over between them in list order).",
     )
     exchange: str = Field(
         "deployflag",
@@ -316,10 +318,8 @@ class Settings(BaseSettings):
 
     @field_validator("amqp_url")
     @classmethod
-    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
-        url = value.get_secret_value()
-        if not url.startswith(("amqp://", "amqps://")):
-            raise ValueError("must start with amqp:// or amqps://")
+    def _amqp_nodes(cls, value: SecretStr) -> SecretStr:
+        nodes.check_urls(nodes.split_urls(value.get_secret_value()))
         return value
 
     @field_validator("sentry_dsn", "database_url", mode="before")
@@ -348,13 +348,16 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _tls_and_secrets(self) -> Settings:
         # After _derive: the database URL is normalised by now.
-        amqp = self.amqp_url.get_secret_value()
-        tls_settings.check_amqp_url(amqp)
+        urls = nodes.split_urls(self.amqp_url.get_secret_value())
+        for url in urls:
+            tls_settings.check_amqp_url(url)
         if self.amqp_password is not None:
-            amqp = tls_settings.with_amqp_password(amqp, self.amqp_password.get_secret_value())
-            object.__setattr__(self, "amqp_url", SecretStr(amqp))
+            password = self.amqp_password.get_secret_value()
+            urls = [tls_settings.with_amqp_password(url, password) for url in urls]
+        # One canonical form: the URLs joined by commas.
+        object.__setattr__(self, "amqp_url", SecretStr(",".join(urls)))
         tls_settings.check_amqp_tls(
-            amqp, self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file, self.amqp_auth
+            urls[0], self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file, self.amqp_auth
         )
         database = self.db_url
         if self.database_password is not None:
@@ -395,8 +398,14 @@ class Settings(BaseSettings):
         return self.database_url.get_secret_value()
 
     @property
+    def broker_urls(self) -> tuple[str, ...]:
+        """Every node's URL, secret included, in the operator's order (one for a single node)."""
+        return tuple(nodes.split_urls(self.amqp_url.get_secret_value()))
+
+    @property
     def broker_url(self) -> str:
-        return self.amqp_url.get_secret_value()
+        """The first node's URL (the only one of a single broker)."""
+        return self.broker_urls[0]
 
     @property
     def is_sqlite(self) -> bool:
@@ -425,7 +434,8 @@ class Settings(BaseSettings):
     def describe(self) -> dict[str, Any]:
         """A loggable summary: URLs with their passwords redacted."""
         return {
-            "amqp_url": redact(self.broker_url),
+            "amqp_url": nodes.describe(self.broker_urls),
+            "amqp_nodes": len(self.broker_urls),
             "database_url": redact(self.db_url),
             "workers": self.workers,
             "prefetch": self.effective_prefetch,

@@ -67,6 +67,7 @@ class Tally:
 
     url: str
     names: Names
+    queue_arguments: dict[str, Any] | None = None  # {"x-queue-type": "quorum"} on a cluster
     sent: dict[str, None] = field(default_factory=dict)  # ordered set of request ids
     replies: Counter[str] = field(default_factory=Counter)
     parked: dict[str, ParkedCopy] = field(default_factory=dict)
@@ -82,14 +83,18 @@ class Tally:
             self.names.exchange, aio_pika.ExchangeType.DIRECT, durable=True
         )
         for kind in QUEUE_KINDS:
-            queue = await self.channel.declare_queue(self.names.queue(kind), durable=True)
+            queue = await self.channel.declare_queue(
+                self.names.queue(kind), durable=True, arguments=self.queue_arguments
+            )
             await queue.bind(self.exchange, self.names.queue(kind))
         self.consume_channel = await self.connection.channel()
         await self.consume_channel.set_qos(prefetch_count=200)
         results = await self.consume_channel.declare_queue(
-            self.names.queue("save_result"), durable=True
+            self.names.queue("save_result"), durable=True, arguments=self.queue_arguments
         )
-        failed = await self.consume_channel.declare_queue(self.names.queue("failed"), durable=True)
+        failed = await self.consume_channel.declare_queue(
+            self.names.queue("failed"), durable=True, arguments=self.queue_arguments
+        )
         await results.consume(self._on_reply)
         await failed.consume(self._on_parked)
         return self

@@ -1,0 +1,185 @@
+"""A RabbitMQ cluster loses the node holding the quorum queues' leader, 300 requests in flight.
+
+Three nodes (tests/support/cluster.py), ``DEPLOYFLAG_QUEUE_TYPE=quorum``, and the service given all
+three node URLs with the leader's node first, so the kill takes its connection and the queues'
+leader at once — the hard case. The node is SIGKILLed (no goodbye to its peers or its clients):
+the remaining two elect new leaders, the service reconnects to the next node in its list and
+serves from there while the killed node is still down; then the node is restarted and rejoins.
+Every request is answered or parked, none lost, none trained twice.
+
+The upstream's side (the tally) is connected to a node that is not killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from tests.faults.conftest import FaultTable
+from tests.faults.harness import QUEUE_KINDS, Tally, queue_counts
+from tests.support.broker import Names, ServiceProcess
+from tests.support.cluster import ClusterError, ClusterNode, RabbitCluster
+from tests.support.toolkit import async_wait_until
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.rabbitmq]
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
+REQUESTS = 300
+QUORUM = {"x-queue-type": "quorum"}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RabbitCluster]:
+    try:
+        nodes = RabbitCluster(3)
+    except ClusterError as exc:
+        pytest.fail(f"cannot run a RabbitMQ cluster here: {exc}", pytrace=False)
+    with nodes as running:  # every node stopped afterwards, also when the start fails
+        yield running
+
+
+@pytest.fixture(scope="module")
+def cluster_vhost(cluster: RabbitCluster) -> str:
+    name = f"deployflag-cluster-{uuid.uuid4().hex[:8]}"
+    cluster.ctl(cluster.nodes[0], "add_vhost", name)
+    cluster.ctl(cluster.nodes[0], "set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return name
+
+
+@pytest.fixture
+def rabbit_url(cluster: RabbitCluster, cluster_vhost: str) -> str:
+    """tests/support's fixtures (``service_env``) on the cluster's first node, not the shared or
+    the fault suite's single broker."""
+    return cluster.nodes[0].url(cluster_vhost)
+
+
+async def declare_quorum_queues(url: str, names: Names) -> None:
+    """The topology, declared as the service declares it, on one node: with RabbitMQ's default
+    (client-local) the queues' leaders are on that node."""
+    connection = await aio_pika.connect(url)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            names.exchange, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        for kind in QUEUE_KINDS:
+            queue = await channel.declare_queue(names.queue(kind), durable=True, arguments=QUORUM)
+            await queue.bind(exchange, names.queue(kind))
+    finally:
+        await connection.close()
+
+
+def connected_ports(cluster: RabbitCluster, ask: ClusterNode, vhost: str) -> list[int]:
+    """The node ports of the vhost's client connections (``client:port -> node:port``)."""
+    text = cluster.ctl(ask, "list_connections", "-p", vhost, "name")
+    # list_connections shows the vhost's connections on every node; each name ends in the port
+    # the client connected to.
+    return [int(port) for port in re.findall(r"-> [\d.]+:(\d+)", text)]
+
+
+def new_leader(
+    cluster: RabbitCluster, vhost: str, queue: str, ask: ClusterNode, old: ClusterNode
+) -> ClusterNode | None:
+    """The queue's leader once it is another node than ``old``; None while ``ask`` still names
+    ``old``, names none, or cannot say (an election)."""
+    try:
+        leader = cluster.leader(vhost, queue, ask)
+    except (ClusterError, subprocess.TimeoutExpired):
+        return None
+    return None if leader is old else leader
+
+
+def all_running(cluster: RabbitCluster, ask: ClusterNode) -> bool:
+    try:
+        running = cluster.running_nodes(ask)
+    except (ClusterError, subprocess.TimeoutExpired):
+        return False
+    return sorted(running) == sorted(node.name for node in cluster.nodes)
+
+
+async def test_the_quorum_leaders_node_killed_and_restarted_with_300_in_flight(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    cluster: RabbitCluster,
+    cluster_vhost: str,
+    names: Names,
+    fault_table: FaultTable,
+) -> None:
+    vhost, training = cluster_vhost, names.training
+    await declare_quorum_queues(cluster.nodes[0].url(vhost), names)
+    leader = cluster.leader(vhost, training)
+    assert leader is not None, "the quorum queue has a leader"
+    others = [node for node in cluster.nodes if node is not leader]
+    service_nodes = [leader, *others]  # the leader's node first: the service connects there
+
+    service = start_service(
+        service_env,
+        DEPLOYFLAG_AMQP_URL=",".join(node.url(vhost) for node in service_nodes),
+        DEPLOYFLAG_QUEUE_TYPE="quorum",
+        DEPLOYFLAG_WORKERS="2",
+    )
+    # The tally on the last node: it stays up (the service's next node is others[0]).
+    async with Tally(others[-1].url(vhost), names, queue_arguments=QUORUM) as tally:
+        ports = await asyncio.to_thread(connected_ports, cluster, others[-1], vhost)
+        assert sorted(ports) == sorted([others[-1].port, leader.port]), (
+            "the tally on the last node, the service on the leader's"
+        )
+        for i in range(REQUESTS):
+            await tally.publish(WORKED, message_id=f"req-{i:03d}")
+        await async_wait_until(lambda: len(tally.replies) >= 30, 90, "30 replies")
+
+        await asyncio.to_thread(cluster.kill, leader)
+        killed_at = time.monotonic()
+        answered_at_kill = len(tally.replies)
+        assert answered_at_kill < REQUESTS - 100, "too few requests left in flight at the kill"
+
+        await async_wait_until(
+            lambda: asyncio.to_thread(new_leader, cluster, vhost, training, others[-1], leader),
+            60,
+            "a new leader on a surviving node",
+            every=0.5,
+        )
+        # Served from another node while the killed one is still down.
+        await async_wait_until(
+            lambda: len(tally.replies) >= answered_at_kill + 50,
+            90,
+            "50 more replies while the node is down",
+        )
+        failover_seconds = time.monotonic() - killed_at
+        ports = await asyncio.to_thread(connected_ports, cluster, others[-1], vhost)
+        ports.remove(others[-1].port)  # the tally's
+        assert len(ports) == 1, "the service has one connection"
+        moved_to = cluster.node_on_port(ports[0])
+        assert moved_to is not leader, "the service is on a surviving node"
+
+        await asyncio.to_thread(cluster.restart, leader)
+        await async_wait_until(
+            lambda: asyncio.to_thread(all_running, cluster, others[0]),
+            60,
+            "the restarted node back in the cluster",
+            every=0.5,
+        )
+        await tally.settle(timeout=120)
+        ready, consumers = await queue_counts(others[0].url(vhost), training)
+        await fault_table.record(
+            tally,
+            f"cluster of 3, quorum queues: the leader's node SIGKILLed with {REQUESTS} in flight, "
+            f"restarted (the service moved to node {moved_to.index}; 50 more answered "
+            f"{failover_seconds:.0f} s after the kill)",
+            [service],
+            sent=REQUESTS,
+            replies=REQUESTS,
+            rows=REQUESTS,
+            parked=0,
+        )
+    assert (ready, consumers) == (0, 1), "the queue drained and the consumer re-registered"
+    assert service.is_ready()
