@@ -50,6 +50,7 @@ from harness import (
     MetricsPoller,
     Names,
     Proc,
+    ProcessCpu,
     RssSampler,
     bench_vhost,
     install_signal_cleanup,
@@ -170,6 +171,7 @@ async def batches(
             prober = HealthProber(port) if health and port is not None else None
             with (
                 ForeignLoad() as other,
+                ProcessCpu(proc.pid) as cpu,
                 poller or contextlib.nullcontext(),
                 prober or contextlib.nullcontext(),
             ):
@@ -177,10 +179,14 @@ async def batches(
             proc.check()
             row.add_burst(run)
             row.note("other_load", other.cores)
+            row.note("cpu_main_ms", 1e3 * cpu.main / count)
+            row.note("cpu_children_ms", 1e3 * cpu.children / count)
             text = (
                 f"  {row.system[:44]:<44} {row.workers} w, batch {i + 1}: "
                 f"{run.throughput:8.2f} req/s  p50 {run.p(50) * 1e3:8.1f} ms  "
-                f"p95 {run.p(95) * 1e3:8.1f} ms  other load {other.cores:.2f} cores"
+                f"p95 {run.p(95) * 1e3:8.1f} ms  other load {other.cores:.2f} cores  "
+                f"CPU/req main {1e3 * cpu.main / count:.2f} ms, children "
+                f"{1e3 * cpu.children / count:.2f} ms"
             )
             if poller is not None:
                 row.note("lag_p99", poller.lag_quantile(0.99))

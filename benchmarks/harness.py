@@ -689,6 +689,31 @@ class ForeignLoad:
         self.cores = used / max(1e-9, time.perf_counter() - self._t0)
 
 
+class ProcessCpu:
+    """CPU seconds (utime + stime, from /proc) of one process and, apart, of its descendants,
+    over the span: the service's main process against its pool workers, per request."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.main = float("nan")
+        self.children = float("nan")
+        self._start: tuple[float, dict[int, float]] = (0.0, {})
+
+    def _read(self) -> tuple[float, dict[int, float]]:
+        cpu = _cpu_by_pid()
+        kids = _tree(self.pid) - {self.pid}
+        return cpu.get(self.pid, ("", 0.0))[1], {p: cpu[p][1] for p in kids if p in cpu}
+
+    def __enter__(self) -> ProcessCpu:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        main, kids = self._read()
+        self.main = main - self._start[0]
+        self.children = sum(v - self._start[1].get(p, 0.0) for p, v in kids.items())
+
+
 def wait_quiet(limit: float, threshold: float = 0.25, span: float = 2.0) -> float:
     """Wait up to ``limit`` seconds for other load to fall below ``threshold`` cores over
     ``span`` seconds; returns the last measured load."""

@@ -160,14 +160,16 @@ def report(res: Results, elapsed: float) -> str:
         )
         add(
             "| system | conc. | req/s (range) | burst p50 ms | burst p95 ms | one at a time p50 ms "
-            "| one at a time p95 ms | loop lag p99 / max ms | other load |"
+            "| one at a time p95 ms | loop lag p99 / max ms | CPU ms/req main / children "
+            "| other load |"
         )
-        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in overhead:
             add(
                 f"| {r.system} | {r.workers} | {spread(r)} | {ms(r.m('p50'))} | "
                 f"{ms(r.m('p95'))} | {ms(r.m('solo_p50'))} | {ms(r.m('solo_p95'))} | "
-                f"{lag(r)} | {fmt(r.m('other_load'), 2)} |"
+                f"{lag(r)} | {fmt(r.m('cpu_main_ms'), 2)} / {fmt(r.m('cpu_children_ms'), 2)} | "
+                f"{fmt(r.m('other_load'), 2)} |"
             )
         add("")
 
