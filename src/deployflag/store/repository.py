@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache, cached_property
@@ -45,6 +44,7 @@ from deployflag.store.tables import (
     TrainingRequest,
     utcnow,
 )
+from deployflag.store.writer import GroupWriter
 
 MAX_ERROR_LENGTH = 10_000
 _log = logs.get_logger("deployflag.store")
@@ -102,14 +102,11 @@ class Store:
         # SQLite has one writer at a time, and aiosqlite makes every cursor, execute, fetch and
         # close a round trip between the loop and its thread (~20 per request). So each write
         # transaction runs whole, with the synchronous driver, in one thread of the store's own:
-        # one round trip per transaction, and this process's writers queue there, not in
-        # SQLite's busy handler (which polls with sleeps of up to 100 ms).
-        self._writer_engine = sqlite_writer_engine(settings)
-        self._writer_thread = (
-            ThreadPoolExecutor(1, thread_name_prefix="deployflag-sqlite")
-            if self._writer_engine is not None
-            else None
-        )
+        # one round trip per transaction, this process's writers queue there, not in SQLite's
+        # busy handler (which polls with sleeps of up to 100 ms), and the transactions queued
+        # at once share one commit (store/writer.py).
+        writer_engine = sqlite_writer_engine(settings)
+        self._writer = GroupWriter(writer_engine) if writer_engine is not None else None
         self._writers = asyncio.Lock()  # in-memory SQLite: one async writer at a time
 
     @classmethod
@@ -149,11 +146,8 @@ class Store:
         return self._engine
 
     async def close(self) -> None:
-        if self._writer_thread is not None and self._writer_engine is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._writer_thread, self._writer_engine.dispose
-            )
-            self._writer_thread.shutdown(wait=True)
+        if self._writer is not None:
+            await self._writer.close()
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -176,15 +170,8 @@ class Store:
         """Run ``body`` as one write transaction, committed at its end; database trouble mapped
         to our errors. SQLite files: in the writer thread; otherwise through the async driver."""
         async with guard(self._target):
-            if self._writer_thread is not None and self._writer_engine is not None:
-                engine = self._writer_engine
-
-                def transaction() -> T:
-                    with engine.begin() as conn:
-                        return body(conn)
-
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._writer_thread, transaction)
+            if self._writer is not None:
+                return await self._writer.run(body)
             if self._engine.dialect.name == "sqlite":
                 async with self._writers, self._engine.begin() as conn:
                     return await conn.run_sync(body)
