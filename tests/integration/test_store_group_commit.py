@@ -195,3 +195,35 @@ async def test_a_withdrawn_transaction_never_runs(store: Store) -> None:
     assert pending.future.cancelled()
     assert not pending.withdraw()
     assert await store.get_request("withdrawn") is None
+
+
+async def test_claim_and_record_counts_the_attempt_and_records_in_one_write(store: Store) -> None:
+    writer = writer_of(store)
+    before = writer.transactions
+    folded = await store.claim_and_record(make_result("f1", 1), CONFIG, "digest-1", 3)
+    assert writer.transactions - before == 1
+    assert folded.claim == Claim(status="pending", attempts=1)
+    assert folded.recorded
+    assert folded.stored == make_result("f1", 1).model_dump(mode="json")
+    row = await store.get_request("f1")
+    assert row is not None
+    assert (row["status"], row["attempts"], row["body_digest"]) == ("done", 1, "digest-1")
+    # Once done, a second copy is answered from the row and records nothing.
+    again = await store.claim_and_record(make_result("f1", 1), CONFIG, "digest-1", 3)
+    assert again.claim.status == "done"
+    assert again.claim.result == folded.stored
+    assert not again.recorded
+    # Another body under the same id is a conflict, and the row is left alone.
+    other = await store.claim_and_record(make_result("f1", 1), CONFIG, "digest-2", 3)
+    assert other.claim.status == "conflict"
+
+
+async def test_claim_and_record_out_of_attempts_counts_it_and_records_nothing(store: Store) -> None:
+    for _ in range(3):
+        await store.claim("f2", 1)
+    folded = await store.claim_and_record(make_result("f2", 1), CONFIG, None, 3)
+    assert folded.claim == Claim(status="pending", attempts=4)
+    assert not folded.recorded
+    row = await store.get_request("f2")
+    assert row is not None
+    assert (row["status"], row["attempts"], row["result"]) == ("pending", 4, None)

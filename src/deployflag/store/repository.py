@@ -44,7 +44,7 @@ from deployflag.store.tables import (
     TrainingRequest,
     utcnow,
 )
-from deployflag.store.writer import GroupWriter
+from deployflag.store.writer import GroupWriter, Pending
 
 MAX_ERROR_LENGTH = 10_000
 _log = logs.get_logger("deployflag.store")
@@ -66,6 +66,32 @@ class Claim:
     result: dict[str, Any] | None = None
     # ``conflict``: the request id is known with another body; the stored row's repo id.
     known_repo_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What :meth:`Store.claim_and_record` did: the claim, and whether the result was recorded
+    (``stored``: the result as stored, when it was)."""
+
+    claim: Claim
+    recorded: bool = False
+    stored: dict[str, Any] | None = None
+
+
+class QueuedClaim:
+    """A claim handed to the SQLite writer: withdraw it before it starts, or await it."""
+
+    def __init__(self, pending: Pending[Claim], target: Target) -> None:
+        self._pending = pending
+        self._target = target
+        self.future: asyncio.Future[Claim] = pending.future
+
+    def withdraw(self) -> bool:
+        return self._pending.withdraw()
+
+    async def result(self) -> Claim:
+        async with guard(self._target):
+            return await self._pending.future
 
 
 @cache
@@ -290,15 +316,9 @@ class Store:
 
     # --- requests ------------------------------------------------------------------------
 
-    async def claim(
-        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
-    ) -> Claim:
-        """Start (or restart) work on a request, counting the attempt.
-
-        New → pending, attempts 1; pending → attempts + 1; parked → pending again with attempts 1
-        (a re-drive from the failed queue); done → unchanged, with its stored result. A row whose
-        body digest differs from ``body_digest`` (both known) is left alone: ``conflict``.
-        """
+    def _claim_body(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None
+    ) -> Callable[[Connection], Claim]:
         t = _requests
         upsert = self._claim_upsert
         values = {
@@ -323,7 +343,52 @@ class Store:
                 return Claim(status="conflict", attempts=row.attempts, known_repo_id=row.repo_id)
             return Claim(status="done", attempts=row.attempts, result=row.result)
 
-        return await self._write(transaction)
+        return transaction
+
+    async def claim(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
+    ) -> Claim:
+        """Start (or restart) work on a request, counting the attempt.
+
+        New → pending, attempts 1; pending → attempts + 1; parked → pending again with attempts 1
+        (a re-drive from the failed queue); done → unchanged, with its stored result. A row whose
+        body digest differs from ``body_digest`` (both known) is left alone: ``conflict``.
+        """
+        return await self._write(self._claim_body(request_id, repo_id, body_digest))
+
+    def queue_claim(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
+    ) -> QueuedClaim | None:
+        """:meth:`claim`, handed to the SQLite writer now and withdrawable until it starts
+        (None where there is no writer thread: PostgreSQL, in-memory SQLite)."""
+        if self._writer is None:
+            return None
+        pending = self._writer.submit(self._claim_body(request_id, repo_id, body_digest))
+        return QueuedClaim(pending, self._target)
+
+    async def claim_and_record(
+        self,
+        result: TrainingResult,
+        config: PipelineConfig,
+        body_digest: str | None,
+        max_attempts: int,
+    ) -> Folded:
+        """:meth:`claim` and, when the claim leaves work to do within ``max_attempts``,
+        :meth:`record_result`, in one transaction: for a result computed before its claim was
+        written. The attempt is counted as by a claim of its own."""
+        claim = self._claim_body(result.request_id, result.repo_id, body_digest)
+        record, found = self._record_body(result, config)
+
+        def transaction(conn: Connection) -> Folded:
+            claimed = claim(conn)
+            if claimed.status != "pending" or claimed.attempts > max_attempts:
+                return Folded(claimed)
+            fresh, stored = record(conn)
+            return Folded(claimed, recorded=fresh, stored=stored)
+
+        outcome = await self._write(transaction)
+        self._versioned.update(found)  # committed: safe to reuse from now on
+        return outcome
 
     async def record_result(
         self, result: TrainingResult, config: PipelineConfig
@@ -334,6 +399,16 @@ class Store:
         ``(False, stored_result)`` when it was already done (nothing else is written then).
         Works without a prior :meth:`claim` (the offline ``run --store`` path).
         """
+        transaction, found = self._record_body(result, config)
+        outcome = await self._write(transaction)
+        self._versioned.update(found)  # committed: safe to reuse from now on
+        return outcome
+
+    def _record_body(
+        self, result: TrainingResult, config: PipelineConfig
+    ) -> tuple[Callable[[Connection], tuple[bool, dict[str, Any]]], dict[tuple[str, str], int]]:
+        """The transaction of :meth:`record_result`, and the versioned ids it finds (to
+        remember once it has committed)."""
         result_json = result.model_dump(mode="json")
         t = _requests
         now = utcnow()
@@ -381,9 +456,7 @@ class Store:
             )
             return True, result_json
 
-        outcome = await self._write(transaction)
-        self._versioned.update(found)  # committed: safe to reuse from now on
-        return outcome
+        return transaction, found
 
     def _framework_id(
         self,
