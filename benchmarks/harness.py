@@ -120,14 +120,16 @@ def start_service(
     src: Path | None = None,
     tag: str = "service",
     extra_env: dict[str, str] | None = None,
+    db_url: str | None = None,
 ) -> tuple[Proc, int]:
-    """`python -m deployflag serve` with SQLite, its own names and port; waits until ready."""
+    """`python -m deployflag serve` with SQLite (or ``db_url``), its own names and port; waits
+    until ready."""
     port = free_port()
     env = clean_env(
         src,
         **names.env(),
         DEPLOYFLAG_AMQP_URL=url,
-        DEPLOYFLAG_DATABASE_URL=f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
+        DEPLOYFLAG_DATABASE_URL=db_url or f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
         DEPLOYFLAG_HTTP_PORT=str(port),
         DEPLOYFLAG_WORKERS=str(workers),
         DEPLOYFLAG_LOG_LEVEL="WARNING",
@@ -170,6 +172,7 @@ def start_celery(
     original: bool,
     src: Path | None = None,
     tag: str = "celery",
+    db_url: str | None = None,
 ) -> Proc:
     """The Celery baseline (celery_baseline.py): prefork, ``concurrency`` children, acks_late.
 
@@ -182,7 +185,7 @@ def start_celery(
         BENCH_EXCHANGE=names.exchange,
         BENCH_TRAINING_QUEUE=names.training,
         BENCH_RESULT_QUEUE=names.result,
-        BENCH_DATABASE_URL=f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
+        BENCH_DATABASE_URL=db_url or f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
     )
     argv = [
         sys.executable,
