@@ -360,9 +360,14 @@ class MessageHandler:
     def _result(self, envelope: Envelope, computed: worker.Computed) -> TrainingResult:
         if envelope.repo_id is None:  # identified from its headers: the body had it
             structlog.contextvars.bind_contextvars(repo_id=computed.computation.repo_id)
-        return TrainingResult(
-            **computed.computation.model_dump(),
+        c = computed.computation  # validated in the worker: built as is, not dumped and re-read
+        return TrainingResult.model_construct(
+            repo_id=c.repo_id,
+            scoring=c.scoring,
+            scores=c.scores,
+            model=c.model,
             request_id=envelope.request_id,
+            status="ok",
             deployflag_version=__version__,
             finished_at=datetime.now(UTC),
         )
