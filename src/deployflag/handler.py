@@ -5,8 +5,11 @@
 A small first delivery (up to ``INLINE_DECODE_BYTES``, never delivered before, no other copy
 here) starts its pipeline job while its claim commits: the claim still counts the attempt and
 finds a finished request before anything is recorded or published, and the job is cheap enough
-to throw away when it does. Larger or redelivered requests claim first, so a request that crashes
-its worker is not run again once it is out of attempts.
+to throw away when it does. When the job is back before the queued claim has started (SQLite's
+writer thread had other work first), the claim is withdrawn and one transaction claims and
+records (``Store.claim_and_record``): one write instead of two, the attempt still counted.
+Larger or redelivered requests claim first, so a request that crashes its worker is not run
+again once it is out of attempts.
 
 The acknowledgement policy: every exception the flow can meet ends in ``__call__`` with one
 settlement (docs/handler.md has the same table, with every park reason):
