@@ -88,7 +88,8 @@ MB = 1024 * 1024
 
 
 def small_payload() -> bytes:
-    """The worked example of SPEC §4.5: 1.6 kB, one label class, so no model is trained."""
+    """The worked example (examples/worked-example.json): 1.6 kB, one label class, so no model
+    is trained."""
     return (ROOT / "examples" / "worked-example.json").read_bytes()
 
 
