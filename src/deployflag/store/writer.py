@@ -19,6 +19,7 @@ the handler replaces a queued claim by one write that claims and records at once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import Callable
@@ -76,7 +77,9 @@ class Pending(Generic[T]):
             return True
 
     def settle(self, value: Any = None, error: BaseException | None = None) -> None:
-        self._loop.call_soon_threadsafe(self._set, value, error)
+        # RuntimeError: the caller's loop is closed, nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._set, value, error)
 
     def _set(self, value: Any, error: BaseException | None) -> None:
         if self.future.done():  # the caller was cancelled meanwhile
