@@ -6,6 +6,8 @@ Parts (docs/benchmarks.md says what each measures and why):
 
 1. overhead  — small requests that train no model: serve vs Celery as the original ran it
                (max_tasks_per_child=1) vs Celery well-configured vs the raw broker path.
+1b. postgres — part 1's serve (default) and Celery well-configured with PostgreSQL as the store
+               (one throwaway cluster, a fresh database each).
 2. reference — generate("reference") payloads that train a model: 1 vs 2 workers, vs Celery.
 3. (lag)     — event-loop lag and /healthz latency, measured during part 2's 2-worker run and
                part 1's service run.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -50,6 +53,7 @@ from harness import (
     MetricsPoller,
     Names,
     Proc,
+    ProcessCpu,
     RssSampler,
     bench_vhost,
     install_signal_cleanup,
@@ -76,7 +80,7 @@ from service_report import (
 
 TRAINING_TASK = "deployflag.contrib.ocave.tasks.process_data_from_ocave"
 RESULTS = BENCH_DIR / "results"
-PARTS = ("overhead", "reference", "large", "long")
+PARTS = ("overhead", "postgres", "reference", "large", "long")
 MB = 1024 * 1024
 
 
@@ -84,7 +88,8 @@ MB = 1024 * 1024
 
 
 def small_payload() -> bytes:
-    """The worked example of SPEC §4.5: 1.6 kB, one label class, so no model is trained."""
+    """The worked example (examples/worked-example.json): 1.6 kB, one label class, so no model
+    is trained."""
     return (ROOT / "examples" / "worked-example.json").read_bytes()
 
 
@@ -170,6 +175,7 @@ async def batches(
             prober = HealthProber(port) if health and port is not None else None
             with (
                 ForeignLoad() as other,
+                ProcessCpu(proc.pid) as cpu,
                 poller or contextlib.nullcontext(),
                 prober or contextlib.nullcontext(),
             ):
@@ -177,10 +183,14 @@ async def batches(
             proc.check()
             row.add_burst(run)
             row.note("other_load", other.cores)
+            row.note("cpu_main_ms", 1e3 * cpu.main / count)
+            row.note("cpu_children_ms", 1e3 * cpu.children / count)
             text = (
                 f"  {row.system[:44]:<44} {row.workers} w, batch {i + 1}: "
                 f"{run.throughput:8.2f} req/s  p50 {run.p(50) * 1e3:8.1f} ms  "
-                f"p95 {run.p(95) * 1e3:8.1f} ms  other load {other.cores:.2f} cores"
+                f"p95 {run.p(95) * 1e3:8.1f} ms  other load {other.cores:.2f} cores  "
+                f"CPU/req main {1e3 * cpu.main / count:.2f} ms, children "
+                f"{1e3 * cpu.children / count:.2f} ms"
             )
             if poller is not None:
                 row.note("lag_p99", poller.lag_quantile(0.99))
@@ -219,6 +229,7 @@ async def run_system(
     prefetch: int | None = None,
     original: bool = False,
     health: bool = False,
+    db_url: Callable[[], str] | None = None,
 ) -> None:
     """One configuration of ``deployflag serve`` or of the Celery baseline (``original``: as
     the original ran it), measured in ``plan.repeats`` batches on fresh queues."""
@@ -229,13 +240,27 @@ async def run_system(
         if system == "service":
             tag = f"svc-{row.part}-{row.workers}w-{prefetch or 'default'}-{names.suffix}"
             proc, port = start_service(
-                url, names, work, workers=row.workers, prefetch=prefetch, src=res.src, tag=tag
+                url,
+                names,
+                work,
+                workers=row.workers,
+                prefetch=prefetch,
+                src=res.src,
+                tag=tag,
+                db_url=db_url() if db_url else None,
             )
         else:
             flavour = "orig" if original else "good"
             tag = f"celery-{row.part}-{row.workers}-{flavour}-{names.suffix}"
             proc = start_celery(
-                url, names, work, concurrency=row.workers, original=original, src=res.src, tag=tag
+                url,
+                names,
+                work,
+                concurrency=row.workers,
+                original=original,
+                src=res.src,
+                tag=tag,
+                db_url=db_url() if db_url else None,
             )
         with running(proc):
             await batches(
@@ -287,19 +312,20 @@ async def part_overhead(url: str, work: Path, res: Results) -> None:
         slowest_rate=5,
         **common,
     )
-    await run_system(
-        url,
-        work,
-        res,
-        res.row("overhead", CELERY_ORIGINAL, 2),
-        payload,
-        system="celery",
-        original=True,
-        count=plan.small_original,
-        solo=plan.solo_original,
-        warmup=4,
-        slowest_rate=2,
-    )
+    if not res.skip_original:
+        await run_system(
+            url,
+            work,
+            res,
+            res.row("overhead", CELERY_ORIGINAL, 2),
+            payload,
+            system="celery",
+            original=True,
+            count=plan.small_original,
+            solo=plan.solo_original,
+            warmup=4,
+            slowest_rate=2,
+        )
     await run_system(
         url,
         work,
@@ -343,7 +369,8 @@ async def part_reference(url: str, work: Path, res: Results) -> None:
             slowest_rate=0.1,
             health=True,
         )
-    for concurrency, original in ((1, False), (2, False), (2, True)):
+    celeries = [(1, False), (2, False)] + ([] if res.skip_original else [(2, True)])
+    for concurrency, original in celeries:
         label = CELERY_ORIGINAL if original else CELERY_GOOD
         await run_system(
             url,
@@ -358,6 +385,58 @@ async def part_reference(url: str, work: Path, res: Results) -> None:
             warmup=concurrency,
             slowest_rate=0.1,
         )
+
+
+# --- part 1 again, on PostgreSQL -----------------------------------------------------------------
+
+
+async def part_postgres(url: str, work: Path, res: Results) -> None:
+    """Part 1's serve (default) and Celery well-configured, each on a fresh database of one
+    throwaway PostgreSQL cluster (tests/support/postgres.py: fsync off, as for the tests)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support.postgres import PostgresCluster, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        res.failures.append("postgres: no PostgreSQL server binaries")
+        return
+    cluster = PostgresCluster(bindir)
+    await asyncio.to_thread(cluster.setup)
+    try:
+        plan = res.plan
+        payload = small_payload()
+        log(f"part 1 on PostgreSQL {bindir.parent.name}: small requests, 2 workers / concurrency 2")
+        made = itertools.count()
+
+        def fresh() -> str:
+            db = cluster.fresh_database(f"bench_{next(made)}")
+            env = {**os.environ, "DEPLOYFLAG_DATABASE_URL": db}
+            if res.src is not None:
+                env["PYTHONPATH"] = str(res.src)
+            subprocess.run(
+                [sys.executable, "-m", "deployflag", "migrate"],
+                env=env,
+                cwd=work,
+                check=True,
+                capture_output=True,
+            )
+            return db
+
+        common: dict[str, Any] = {"count": plan.small, "solo": plan.solo, "warmup": plan.warmup}
+        for label, system in ((SERVE_DEFAULT, "service"), (CELERY_GOOD, "celery")):
+            await run_system(
+                url,
+                work,
+                res,
+                res.row("postgres", label, 2),
+                payload,
+                system=system,  # type: ignore[arg-type]
+                slowest_rate=5,
+                db_url=fresh,
+                **common,
+            )
+    finally:
+        await asyncio.to_thread(cluster.close)
 
 
 # --- part 4: large payloads --------------------------------------------------------------------
@@ -554,6 +633,7 @@ def describe_tree() -> str:
 async def run_parts(url: str, work: Path, res: Results, parts: list[str]) -> None:
     steps: dict[str, Callable[[str, Path, Results], Awaitable[None]]] = {
         "overhead": part_overhead,
+        "postgres": part_postgres,
         "reference": part_reference,
         "large": part_large,
         "long": part_long,
@@ -576,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write every batch's figures here")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, DBs)")
     parser.add_argument(
+        "--skip-original",
+        action="store_true",
+        help="leave out Celery as the original ran it (slow on a busy machine)",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=30.0,
@@ -592,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="deployflag-bench-"))
     res = Results(plan, command=" ".join(argv if argv is not None else sys.argv[1:]))
     res.quiet_wait = args.quiet_wait
+    res.skip_original = args.skip_original
     if args.ref:
         res.src, res.source = export_ref(args.ref, work)
     elif args.src:

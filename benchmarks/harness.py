@@ -120,14 +120,16 @@ def start_service(
     src: Path | None = None,
     tag: str = "service",
     extra_env: dict[str, str] | None = None,
+    db_url: str | None = None,
 ) -> tuple[Proc, int]:
-    """`python -m deployflag serve` with SQLite, its own names and port; waits until ready."""
+    """`python -m deployflag serve` with SQLite (or ``db_url``), its own names and port; waits
+    until ready."""
     port = free_port()
     env = clean_env(
         src,
         **names.env(),
         DEPLOYFLAG_AMQP_URL=url,
-        DEPLOYFLAG_DATABASE_URL=f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
+        DEPLOYFLAG_DATABASE_URL=db_url or f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
         DEPLOYFLAG_HTTP_PORT=str(port),
         DEPLOYFLAG_WORKERS=str(workers),
         DEPLOYFLAG_LOG_LEVEL="WARNING",
@@ -170,6 +172,7 @@ def start_celery(
     original: bool,
     src: Path | None = None,
     tag: str = "celery",
+    db_url: str | None = None,
 ) -> Proc:
     """The Celery baseline (celery_baseline.py): prefork, ``concurrency`` children, acks_late.
 
@@ -182,7 +185,7 @@ def start_celery(
         BENCH_EXCHANGE=names.exchange,
         BENCH_TRAINING_QUEUE=names.training,
         BENCH_RESULT_QUEUE=names.result,
-        BENCH_DATABASE_URL=f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
+        BENCH_DATABASE_URL=db_url or f"sqlite+aiosqlite:///{workdir / (tag + '.db')}",
     )
     argv = [
         sys.executable,
@@ -687,6 +690,31 @@ class ForeignLoad:
             before = self._start.get(pid)
             used += cpu - before[1] if before is not None and before[0] == name else cpu
         self.cores = used / max(1e-9, time.perf_counter() - self._t0)
+
+
+class ProcessCpu:
+    """CPU seconds (utime + stime, from /proc) of one process and, apart, of its descendants,
+    over the span: the service's main process against its pool workers, per request."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.main = float("nan")
+        self.children = float("nan")
+        self._start: tuple[float, dict[int, float]] = (0.0, {})
+
+    def _read(self) -> tuple[float, dict[int, float]]:
+        cpu = _cpu_by_pid()
+        kids = _tree(self.pid) - {self.pid}
+        return cpu.get(self.pid, ("", 0.0))[1], {p: cpu[p][1] for p in kids if p in cpu}
+
+    def __enter__(self) -> ProcessCpu:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        main, kids = self._read()
+        self.main = main - self._start[0]
+        self.children = sum(v - self._start[1].get(p, 0.0) for p, v in kids.items())
 
 
 def wait_quiet(limit: float, threshold: float = 0.25, span: float = 2.0) -> float:

@@ -5,6 +5,7 @@ renders, so a report can be changed and re-read without running anything.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +94,7 @@ class Results:
     source: str = ""
     machine: dict[str, str] = field(default_factory=dict)
     quiet_wait: float = 30.0
+    skip_original: bool = False
 
     def row(self, part: str, system: str, workers: int) -> Row:
         for row in self.rows:
@@ -152,25 +154,10 @@ def report(res: Results, elapsed: float) -> str:
         "in cores; with 2 cores, anything above ~0.2 lowers the figures.\n"
     )
 
-    overhead = [r for r in res.rows if r.part == "overhead"]
-    if overhead:
-        add(
-            f"## 1. Small requests, no model ({plan.small} per batch; Celery as the original: "
-            f"{plan.small_original}; one at a time: {plan.solo} / {plan.solo_original})\n"
-        )
-        add(
-            "| system | conc. | req/s (range) | burst p50 ms | burst p95 ms | one at a time p50 ms "
-            "| one at a time p95 ms | loop lag p99 / max ms | other load |"
-        )
-        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for r in overhead:
-            add(
-                f"| {r.system} | {r.workers} | {spread(r)} | {ms(r.m('p50'))} | "
-                f"{ms(r.m('p95'))} | {ms(r.m('solo_p50'))} | {ms(r.m('solo_p95'))} | "
-                f"{lag(r)} | {fmt(r.m('other_load'), 2)} |"
-            )
-        add("")
+    for part in ("overhead", "postgres"):
+        small_table(res, part, add)
 
+    reference = [r for r in res.rows if r.part == "reference"]
     reference = [r for r in res.rows if r.part == "reference"]
     if reference:
         add(f"## 2–3. Reference payloads, each trains a model ({plan.reference} per batch)\n")
@@ -271,6 +258,37 @@ def spread(row: Row, digits: int = 1) -> str:
     return text
 
 
+def small_table(res: Results, part: str, add: Callable[[str], None]) -> None:
+    plan = res.plan
+    overhead = [r for r in res.rows if r.part == part]
+    if not overhead:
+        return
+    if part == "overhead":
+        add(
+            f"## 1. Small requests, no model ({plan.small} per batch; Celery as the original: "
+            f"{plan.small_original}; one at a time: {plan.solo} / {plan.solo_original})\n"
+        )
+    else:
+        add(
+            f"## 1b. The same on PostgreSQL ({plan.small} per batch; one throwaway cluster with "
+            "fsync off, a fresh database per system)\n"
+        )
+    add(
+        "| system | conc. | req/s (range) | burst p50 ms | burst p95 ms | one at a time p50 ms "
+        "| one at a time p95 ms | loop lag p99 / max ms | CPU ms/req main / children "
+        "| other load |"
+    )
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in overhead:
+        add(
+            f"| {r.system} | {r.workers} | {spread(r)} | {ms(r.m('p50'))} | "
+            f"{ms(r.m('p95'))} | {ms(r.m('solo_p50'))} | {ms(r.m('solo_p95'))} | "
+            f"{lag(r)} | {fmt(r.m('cpu_main_ms'), 2)} / {fmt(r.m('cpu_children_ms'), 2)} | "
+            f"{fmt(r.m('other_load'), 2)} |"
+        )
+    add("")
+
+
 def targets(res: Results) -> str:
     lines = ["## Targets (from the issue)\n", "| target | measured | verdict |", "|---|---|---|"]
     good = res.find("overhead", CELERY_GOOD, 2)
@@ -299,6 +317,26 @@ def targets(res: Results) -> str:
                 f"| small requests, serve {tag}: share of the raw broker ceiling | "
                 f"{tput / raw.m('throughput'):.0%} | (context) |"
             )
+    pg_serve = res.find("postgres", SERVE_DEFAULT, 2)
+    pg_good = res.find("postgres", CELERY_GOOD, 2)
+    if pg_serve is not None and pg_good is not None:
+        ratio = pg_serve.m("throughput") / pg_good.m("throughput")
+        lines.append(
+            f"| PostgreSQL: small requests, serve (default) vs Celery well-configured | "
+            f"{ratio:.2f}× | {verdict(ratio >= 1.5)} |"
+        )
+    for s in services:
+        if "cpu_main_ms" in s.extra:
+            cpu = s.m("cpu_main_ms")
+            lines.append(
+                f"| small requests, serve {s.system.removeprefix('deployflag serve ')}: "
+                f"main-process CPU ≤ 2.5 ms per request | {cpu:.2f} ms | {verdict(cpu <= 2.5)} |"
+            )
+        solo = s.m("solo_p50")
+        lines.append(
+            f"| small requests, serve {s.system.removeprefix('deployflag serve ')}: one at a "
+            f"time p50 ≤ 3 ms | {solo * 1e3:.1f} ms | {verdict(solo <= 0.003)} |"
+        )
     one = res.find("reference", "deployflag serve", 1)
     two = res.find("reference", "deployflag serve", 2)
     if one and two:

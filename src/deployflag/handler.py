@@ -5,8 +5,11 @@
 A small first delivery (up to ``INLINE_DECODE_BYTES``, never delivered before, no other copy
 here) starts its pipeline job while its claim commits: the claim still counts the attempt and
 finds a finished request before anything is recorded or published, and the job is cheap enough
-to throw away when it does. Larger or redelivered requests claim first, so a request that crashes
-its worker is not run again once it is out of attempts.
+to throw away when it does. When the job is back before the queued claim has started (SQLite's
+writer thread had other work first), the claim is withdrawn and one transaction claims and
+records (``Store.claim_and_record``): one write instead of two, the attempt still counted.
+Larger or redelivered requests claim first, so a request that crashes its worker is not run
+again once it is out of attempts.
 
 The acknowledgement policy: every exception the flow can meet ends in ``__call__`` with one
 settlement (docs/handler.md has the same table, with every park reason):
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -75,7 +79,7 @@ from deployflag.observer import Outcome, Trace
 from deployflag.pool import JobTimeLimit, WorkerCrashed, WorkerPool, abandon, discard
 from deployflag.retry import Backoff, retry
 from deployflag.settings import Settings
-from deployflag.store import Claim, Store
+from deployflag.store import Claim, QueuedClaim, Store
 
 T = TypeVar("T")
 log = logs.get_logger("deployflag.handler")
@@ -237,7 +241,19 @@ class MessageHandler:
         """
         early = asyncio.ensure_future(self._run_job(d)) if speculate else None
         try:
-            claim = await d.trace.timed("claim", self._claim(d, envelope))
+            queued = None
+            if early is not None:
+                queued = self._store.queue_claim(
+                    envelope.request_id, envelope.repo_id, envelope.body_digest
+                )
+                folded = await self._fold(d, envelope, early, queued)
+                if folded is not None:
+                    early = None
+                    return folded
+            if queued is not None:
+                claim = await d.trace.timed("claim", self._queued_claim(d, envelope, queued))
+            else:
+                claim = await d.trace.timed("claim", self._claim(d, envelope))
             if claim.status == "conflict":
                 raise poison.id_conflict(envelope, claim.known_repo_id)
             if claim.status == "done" or claim.attempts > self._s.max_attempts:
@@ -260,6 +276,62 @@ class MessageHandler:
             ),
         )
         return answer if fresh else _stored(stored_json)  # not fresh: a concurrent copy won
+
+    async def _fold(
+        self,
+        d: Delivery,
+        envelope: Envelope,
+        early: asyncio.Future[worker.Computed],
+        queued: QueuedClaim | None,
+    ) -> Answer | None:
+        """One write instead of two: when the speculative job is back before its queued claim
+        has started, withdraw the claim and claim and record in one transaction (the attempt
+        still counted). Without a queue (PostgreSQL) the small job is awaited first, and the
+        claim goes with the record: one round trip of BEGIN, statements and COMMIT fewer.
+        None: the claim ran first, or the job failed; go on as usual (claim, then compute)."""
+        started = time.perf_counter()
+        waited = (early,) if queued is None else (early, queued.future)
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        if not early.done() or early.cancelled() or early.exception() is not None:
+            return None
+        if queued is not None and not queued.withdraw():
+            return None
+        d.trace.stages["pipeline"] = time.perf_counter() - started
+        answer = Answer(self._result(envelope, early.result()), Outcome.OK)
+        self._encode(d, envelope, answer.result)  # a reply too large is parked before "done"
+        folded = await d.trace.timed(
+            "record",
+            self._database(
+                "record",
+                d,
+                lambda: self._store.claim_and_record(
+                    answer.result, self._config, envelope.body_digest, self._s.max_attempts
+                ),
+            ),
+        )
+        claim = folded.claim
+        if claim.status == "conflict":
+            raise poison.id_conflict(envelope, claim.known_repo_id)
+        if claim.status == "done":
+            return _stored(claim.result)
+        if claim.attempts > self._s.max_attempts:  # counted, and nothing recorded
+            raise InvalidRequest(
+                "max_attempts",
+                "delivered more often than DEPLOYFLAG_MAX_ATTEMPTS "
+                f"(gave up after {self._s.max_attempts} attempts)",
+            )
+        return answer if folded.recorded else _stored(folded.stored)
+
+    async def _queued_claim(self, d: Delivery, envelope: Envelope, queued: QueuedClaim) -> Claim:
+        """The queued claim's outcome; database trouble: claimed again, retried as usual."""
+        try:
+            claim = await queued.result()
+        except TransientError as exc:
+            mark_database(self._health, self._metrics, ok=False, error=str(exc))
+            d.trace.retried("claim")
+            return await self._claim(d, envelope)
+        mark_database(self._health, self._metrics, ok=True)
+        return claim
 
     async def _compute(
         self, d: Delivery, attempts: int, started: asyncio.Future[worker.Computed] | None
@@ -294,9 +366,14 @@ class MessageHandler:
     def _result(self, envelope: Envelope, computed: worker.Computed) -> TrainingResult:
         if envelope.repo_id is None:  # identified from its headers: the body had it
             structlog.contextvars.bind_contextvars(repo_id=computed.computation.repo_id)
-        return TrainingResult(
-            **computed.computation.model_dump(),
+        c = computed.computation  # validated in the worker: built as is, not dumped and re-read
+        return TrainingResult.model_construct(
+            repo_id=c.repo_id,
+            scoring=c.scoring,
+            scores=c.scores,
+            model=c.model,
             request_id=envelope.request_id,
+            status="ok",
             deployflag_version=__version__,
             finished_at=datetime.now(UTC),
         )

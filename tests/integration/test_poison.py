@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from pamqp import encode
 
 from tests.support.broker import ServiceProcess, Upstream
 from tests.support.poison import PoisonKind, kinds, raw_publisher
@@ -55,7 +56,10 @@ async def test_a_poison_message_is_parked_and_the_request_behind_it_answered(
     assert headers["x-deployflag-reason"] == kind.reason, headers.get("x-deployflag-error")
     assert parked.body == (kind.body or WORKED)
     error = str(headers["x-deployflag-error"])
-    if name == "negative_int_header":
+    if name == "negative_int_header" and _encodes_negative_octets():  # pamqp >= 4
+        assert headers["n"] == -1
+        assert "x-deployflag-altered-headers" not in headers
+    elif name == "negative_int_header":  # pamqp 3 encodes -1 as an unsigned octet: altered
         assert headers["n"] == "-1"
         assert headers["x-deployflag-altered-headers"] == "n"
     elif name == "invalid_utf8_long_string_header":
@@ -77,3 +81,11 @@ async def test_a_poison_message_is_parked_and_the_request_behind_it_answered(
     # And the log stays short: no error line per retry
     assert error_lines(service) < 10
     assert service.stop() == 0
+
+
+def _encodes_negative_octets() -> bool:
+    try:
+        encode.field_table({"n": -1})
+    except Exception:
+        return False
+    return True

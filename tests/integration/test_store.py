@@ -314,3 +314,22 @@ async def test_two_processes_record_concurrently(database: Database) -> None:
         assert await count(store, "model_performance_metadata") == 100
         rows = await query(store, "SELECT status, count(*) AS n FROM training_request GROUP BY 1")
         assert rows == [{"status": "done", "n": 100}]
+
+
+async def test_claim_and_record_in_one_write_matches_claim_then_record(store: Store) -> None:
+    folded = await store.claim_and_record(make_result("one-write"), CONFIG, "d1", 3)
+    await store.claim("two-writes", 12860, "d1")
+    fresh, stored = await store.record_result(make_result("two-writes"), CONFIG)
+    assert folded.recorded
+    assert fresh
+    assert folded.claim == Claim(status="pending", attempts=1)
+    rows = [await store.get_request(rid) for rid in ("one-write", "two-writes")]
+    assert rows[0] is not None
+    assert rows[1] is not None
+    keys = ("status", "attempts", "body_digest", "repo_id")
+    assert [rows[0][k] for k in keys] == [rows[1][k] for k in keys] == ["done", 1, "d1", "12860"]
+    assert {**rows[0]["result"], "request_id": "x"} == {**stored, "request_id": "x"}
+    assert await count(store, "model_performance_metadata") == 2
+    done = await store.claim_and_record(make_result("one-write"), CONFIG, "d1", 3)
+    assert (done.claim.status, done.recorded) == ("done", False)
+    assert await count(store, "model_performance_metadata") == 2

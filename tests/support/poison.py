@@ -106,7 +106,7 @@ def _base(rid: str) -> dict[str, Any]:
 def kinds(frame_max: int = 131072) -> list[PoisonKind]:
     big = largest_header_value(frame_max, _base("poison-xxxxxxxx")) - 8
     return [
-        # Decodes (as -1), but pamqp re-encodes it as an unsigned octet: struct.error.
+        # Decodes (as -1); pamqp 3 re-encodes it as an unsigned octet (struct.error), 4 as -1.
         PoisonKind(
             "negative_int_header",
             "not_json",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache, cached_property
@@ -45,6 +44,7 @@ from deployflag.store.tables import (
     TrainingRequest,
     utcnow,
 )
+from deployflag.store.writer import GroupWriter, Pending
 
 MAX_ERROR_LENGTH = 10_000
 _log = logs.get_logger("deployflag.store")
@@ -66,6 +66,32 @@ class Claim:
     result: dict[str, Any] | None = None
     # ``conflict``: the request id is known with another body; the stored row's repo id.
     known_repo_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Folded:
+    """What :meth:`Store.claim_and_record` did: the claim, and whether the result was recorded
+    (``stored``: the result as stored, when it was)."""
+
+    claim: Claim
+    recorded: bool = False
+    stored: dict[str, Any] | None = None
+
+
+class QueuedClaim:
+    """A claim handed to the SQLite writer: withdraw it before it starts, or await it."""
+
+    def __init__(self, pending: Pending[Claim], target: Target) -> None:
+        self._pending = pending
+        self._target = target
+        self.future: asyncio.Future[Claim] = pending.future
+
+    def withdraw(self) -> bool:
+        return self._pending.withdraw()
+
+    async def result(self) -> Claim:
+        async with guard(self._target):
+            return await self._pending.future
 
 
 @cache
@@ -102,14 +128,11 @@ class Store:
         # SQLite has one writer at a time, and aiosqlite makes every cursor, execute, fetch and
         # close a round trip between the loop and its thread (~20 per request). So each write
         # transaction runs whole, with the synchronous driver, in one thread of the store's own:
-        # one round trip per transaction, and this process's writers queue there, not in
-        # SQLite's busy handler (which polls with sleeps of up to 100 ms).
-        self._writer_engine = sqlite_writer_engine(settings)
-        self._writer_thread = (
-            ThreadPoolExecutor(1, thread_name_prefix="deployflag-sqlite")
-            if self._writer_engine is not None
-            else None
-        )
+        # one round trip per transaction, this process's writers queue there, not in SQLite's
+        # busy handler (which polls with sleeps of up to 100 ms), and the transactions queued
+        # at once share one commit (store/writer.py).
+        writer_engine = sqlite_writer_engine(settings)
+        self._writer = GroupWriter(writer_engine) if writer_engine is not None else None
         self._writers = asyncio.Lock()  # in-memory SQLite: one async writer at a time
 
     @classmethod
@@ -149,11 +172,8 @@ class Store:
         return self._engine
 
     async def close(self) -> None:
-        if self._writer_thread is not None and self._writer_engine is not None:
-            await asyncio.get_running_loop().run_in_executor(
-                self._writer_thread, self._writer_engine.dispose
-            )
-            self._writer_thread.shutdown(wait=True)
+        if self._writer is not None:
+            await self._writer.close()
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -176,15 +196,8 @@ class Store:
         """Run ``body`` as one write transaction, committed at its end; database trouble mapped
         to our errors. SQLite files: in the writer thread; otherwise through the async driver."""
         async with guard(self._target):
-            if self._writer_thread is not None and self._writer_engine is not None:
-                engine = self._writer_engine
-
-                def transaction() -> T:
-                    with engine.begin() as conn:
-                        return body(conn)
-
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._writer_thread, transaction)
+            if self._writer is not None:
+                return await self._writer.run(body)
             if self._engine.dialect.name == "sqlite":
                 async with self._writers, self._engine.begin() as conn:
                     return await conn.run_sync(body)
@@ -303,15 +316,9 @@ class Store:
 
     # --- requests ------------------------------------------------------------------------
 
-    async def claim(
-        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
-    ) -> Claim:
-        """Start (or restart) work on a request, counting the attempt.
-
-        New → pending, attempts 1; pending → attempts + 1; parked → pending again with attempts 1
-        (a re-drive from the failed queue); done → unchanged, with its stored result. A row whose
-        body digest differs from ``body_digest`` (both known) is left alone: ``conflict``.
-        """
+    def _claim_body(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None
+    ) -> Callable[[Connection], Claim]:
         t = _requests
         upsert = self._claim_upsert
         values = {
@@ -336,7 +343,52 @@ class Store:
                 return Claim(status="conflict", attempts=row.attempts, known_repo_id=row.repo_id)
             return Claim(status="done", attempts=row.attempts, result=row.result)
 
-        return await self._write(transaction)
+        return transaction
+
+    async def claim(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
+    ) -> Claim:
+        """Start (or restart) work on a request, counting the attempt.
+
+        New → pending, attempts 1; pending → attempts + 1; parked → pending again with attempts 1
+        (a re-drive from the failed queue); done → unchanged, with its stored result. A row whose
+        body digest differs from ``body_digest`` (both known) is left alone: ``conflict``.
+        """
+        return await self._write(self._claim_body(request_id, repo_id, body_digest))
+
+    def queue_claim(
+        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
+    ) -> QueuedClaim | None:
+        """:meth:`claim`, handed to the SQLite writer now and withdrawable until it starts
+        (None where there is no writer thread: PostgreSQL, in-memory SQLite)."""
+        if self._writer is None:
+            return None
+        pending = self._writer.submit(self._claim_body(request_id, repo_id, body_digest))
+        return QueuedClaim(pending, self._target)
+
+    async def claim_and_record(
+        self,
+        result: TrainingResult,
+        config: PipelineConfig,
+        body_digest: str | None,
+        max_attempts: int,
+    ) -> Folded:
+        """:meth:`claim` and, when the claim leaves work to do within ``max_attempts``,
+        :meth:`record_result`, in one transaction: for a result computed before its claim was
+        written. The attempt is counted as by a claim of its own."""
+        claim = self._claim_body(result.request_id, result.repo_id, body_digest)
+        record, found = self._record_body(result, config)
+
+        def transaction(conn: Connection) -> Folded:
+            claimed = claim(conn)
+            if claimed.status != "pending" or claimed.attempts > max_attempts:
+                return Folded(claimed)
+            fresh, stored = record(conn)
+            return Folded(claimed, recorded=fresh, stored=stored)
+
+        outcome = await self._write(transaction)
+        self._versioned.update(found)  # committed: safe to reuse from now on
+        return outcome
 
     async def record_result(
         self, result: TrainingResult, config: PipelineConfig
@@ -347,6 +399,16 @@ class Store:
         ``(False, stored_result)`` when it was already done (nothing else is written then).
         Works without a prior :meth:`claim` (the offline ``run --store`` path).
         """
+        transaction, found = self._record_body(result, config)
+        outcome = await self._write(transaction)
+        self._versioned.update(found)  # committed: safe to reuse from now on
+        return outcome
+
+    def _record_body(
+        self, result: TrainingResult, config: PipelineConfig
+    ) -> tuple[Callable[[Connection], tuple[bool, dict[str, Any]]], dict[tuple[str, str], int]]:
+        """The transaction of :meth:`record_result`, and the versioned ids it finds (to
+        remember once it has committed)."""
         result_json = result.model_dump(mode="json")
         t = _requests
         now = utcnow()
@@ -394,9 +456,7 @@ class Store:
             )
             return True, result_json
 
-        outcome = await self._write(transaction)
-        self._versioned.update(found)  # committed: safe to reuse from now on
-        return outcome
+        return transaction, found
 
     def _framework_id(
         self,

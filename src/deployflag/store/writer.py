@@ -1,0 +1,173 @@
+"""The SQLite writer thread, with group commit.
+
+SQLite has one writer at a time, and every commit pays a write of the WAL (and its fsync). So the
+store's write transactions run here, in one thread, with the synchronous driver: each one whole,
+one hand-off between the event loop and the thread. Every transaction waiting when the thread
+gets to work shares one ``BEGIN IMMEDIATE … COMMIT``, each inside a ``SAVEPOINT`` of its own:
+
+- a transaction that raises rolls back to its savepoint and fails alone; its neighbours go on;
+- each caller learns its outcome only after the shared ``COMMIT``: a value is never returned
+  for work that might still be rolled back;
+- when the ``BEGIN`` or the ``COMMIT`` fails (the database is locked past the busy timeout, the
+  disk is full, the file went away), nothing of the batch is committed and every transaction
+  that had not already failed on its own gets that error.
+
+A transaction that has been submitted but not started can be withdrawn (:meth:`Pending.withdraw`):
+the handler replaces a queued claim by one write that claims and records at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import Connection
+
+T = TypeVar("T")
+MAX_BATCH = 64  # transactions per commit: bounds how long the write lock is held at once
+
+_QUEUED, _RUNNING, _WITHDRAWN = "queued", "running", "withdrawn"
+
+
+class WriterClosed(RuntimeError):
+    """The store was closed; no transaction is taken any more."""
+
+
+class TransactionLost(RuntimeError):
+    """SQLite ended the shared transaction itself after one of its statements failed."""
+
+
+def _in_transaction(conn: Connection) -> bool:
+    dbapi = conn.connection.dbapi_connection
+    return bool(getattr(dbapi, "in_transaction", True))
+
+
+class Pending(Generic[T]):
+    """One submitted transaction: its future, and whether it has started."""
+
+    def __init__(self, body: Callable[[Connection], T], loop: asyncio.AbstractEventLoop) -> None:
+        self.body = body
+        self.future: asyncio.Future[T] = loop.create_future()
+        self._loop = loop
+        self._state = _QUEUED
+        self._lock = threading.Lock()
+
+    def withdraw(self) -> bool:
+        """Take the transaction back if the writer has not started it (True), else False: it
+        runs, and its future tells how it went."""
+        with self._lock:
+            if self._state != _QUEUED:
+                return False
+            self._state = _WITHDRAWN
+        if not self.future.done():
+            self.future.cancel()
+        return True
+
+    def start(self) -> bool:
+        """Called by the writer: False when the transaction was withdrawn."""
+        with self._lock:
+            if self._state != _QUEUED:
+                return False
+            self._state = _RUNNING
+            return True
+
+    def settle(self, value: Any = None, error: BaseException | None = None) -> None:
+        # RuntimeError: the caller's loop is closed, nobody is waiting any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._set, value, error)
+
+    def _set(self, value: Any, error: BaseException | None) -> None:
+        if self.future.done():  # the caller was cancelled meanwhile
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(value)
+
+
+class GroupWriter:
+    """One thread of its own on ``engine`` (a synchronous engine with one connection)."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = MAX_BATCH) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._queue: queue.SimpleQueue[Pending[Any] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="deployflag-sqlite", daemon=True)
+        self._thread.start()
+        self.batches = 0  # commits, and the transactions in them: for tests and benchmarks
+        self.transactions = 0
+
+    def submit(self, body: Callable[[Connection], T]) -> Pending[T]:
+        if self._closed:
+            raise WriterClosed("the store is closed")
+        pending = Pending(body, asyncio.get_running_loop())
+        self._queue.put(pending)
+        return pending
+
+    async def run(self, body: Callable[[Connection], T]) -> T:
+        return await self.submit(body).future
+
+    async def close(self) -> None:
+        """Finish what was submitted, dispose of the engine, end the thread."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _serve(self) -> None:
+        try:
+            stop = False
+            while not stop:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                while len(batch) < self._max_batch:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._commit(batch)
+        finally:
+            self._engine.dispose()
+
+    def _commit(self, batch: list[Pending[Any]]) -> None:
+        started = [p for p in batch if p.start()]
+        if not started:
+            return
+        done: list[tuple[Pending[Any], Any]] = []
+        try:
+            with self._engine.begin() as conn:
+                for pending in started:
+                    try:
+                        with conn.begin_nested():
+                            value = pending.body(conn)
+                    except Exception as exc:  # rolled back to its savepoint: it fails alone
+                        pending.settle(error=exc)
+                        if not _in_transaction(conn):
+                            # SQLite rolled back the whole transaction (disk full, I/O error):
+                            # the work done so far is lost, and COMMIT would not say so.
+                            raise TransactionLost(str(exc)) from exc
+                    else:
+                        done.append((pending, value))
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is committed
+            failed_alone = {id(p) for p in started} - {id(p) for p, _ in done}
+            for pending in started:
+                if id(pending) not in failed_alone or not done:
+                    pending.settle(error=exc)
+            return
+        finally:
+            self.batches += 1
+            self.transactions += len(started)
+        for pending, value in done:
+            pending.settle(value)
