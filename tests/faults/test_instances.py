@@ -18,6 +18,7 @@ import pytest
 from tests.faults.conftest import FaultTable
 from tests.faults.harness import Tally, busy_worker, descendants, in_flight, ok_counts
 from tests.support.broker import Names, ServiceProcess
+from tests.support.payloads import SLOW_TRAINING
 from tests.support.toolkit import async_wait_until, wait_until
 
 pytestmark = [
@@ -52,7 +53,7 @@ async def test_instance_killed_mid_training_while_another_runs(
     sample_payload: bytes,
     fault_table: FaultTable,
 ) -> None:
-    victim, survivor = start_many(start_service, pg_env, 2, DEPLOYFLAG_WORKERS="1")
+    victim, survivor = start_many(start_service, pg_env, 2, DEPLOYFLAG_WORKERS="1", **SLOW_TRAINING)
     async with Tally(rabbit_url, names) as tally:
         # One long request for each instance (prefetch 1), then short ones behind them.
         for i in range(2):
@@ -88,7 +89,9 @@ async def test_sigterm_finishes_or_hands_back_and_a_second_sigterm_exits_at_once
 ) -> None:
     async with Tally(rabbit_url, names) as tally:
         # 1. Drain: two long requests in flight; SIGTERM; each finishes or goes back.
-        first = start_service(pg_env, DEPLOYFLAG_WORKERS="2", DEPLOYFLAG_DRAIN_TIMEOUT="2")
+        first = start_service(
+            pg_env, DEPLOYFLAG_WORKERS="2", DEPLOYFLAG_DRAIN_TIMEOUT="2", **SLOW_TRAINING
+        )
         for i in range(2):
             await tally.publish(large_payload, message_id=f"long-{i}")
         for i in range(20):
@@ -108,7 +111,9 @@ async def test_sigterm_finishes_or_hands_back_and_a_second_sigterm_exits_at_once
 
         # 2. A second SIGTERM while draining: out at once, the work goes back to the queue.
         await tally.publish(large_payload, message_id="long-2")  # something long to interrupt
-        second = start_service(pg_env, DEPLOYFLAG_WORKERS="1", DEPLOYFLAG_DRAIN_TIMEOUT="600")
+        second = start_service(
+            pg_env, DEPLOYFLAG_WORKERS="1", DEPLOYFLAG_DRAIN_TIMEOUT="600", **SLOW_TRAINING
+        )
         await async_wait_until(
             lambda: busy_worker(second, TRAINING_CPU), timeout=60, what="the second training"
         )
@@ -125,7 +130,7 @@ async def test_sigterm_finishes_or_hands_back_and_a_second_sigterm_exits_at_once
         assert not alive, f"processes left behind after the second SIGTERM: {alive}"
 
         # 3. A third instance takes over what was handed back or never taken.
-        third = start_service(pg_env, DEPLOYFLAG_WORKERS="2")
+        third = start_service(pg_env, DEPLOYFLAG_WORKERS="2", **SLOW_TRAINING)
         await tally.settle(timeout=180)
         await fault_table.record(
             tally,

@@ -22,6 +22,7 @@ from tests.faults.conftest import FaultTable
 from tests.faults.harness import Tally, finished_lines, queue_counts
 from tests.faults.node import BrokerNode
 from tests.support.broker import Names, ServiceProcess
+from tests.support.payloads import SLOW_TRAINING
 from tests.support.postgres import PostgresCluster
 from tests.support.toolkit import async_wait_until
 
@@ -154,7 +155,7 @@ async def test_job_past_the_consumer_timeout_is_answered_once(
     broker.eval("application:set_env(rabbit, consumer_timeout, 1000).")
     broker.eval("application:set_env(rabbit, channel_tick_interval, 500).")
     try:
-        service = start_service(service_env, DEPLOYFLAG_WORKERS="1")
+        service = start_service(service_env, DEPLOYFLAG_WORKERS="1", **SLOW_TRAINING)
         async with Tally(rabbit_url, names) as tally:
             await tally.publish(large_payload, message_id="slow")
             for i in range(5):

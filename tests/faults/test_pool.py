@@ -23,6 +23,7 @@ from tests.faults.harness import (
     request_row,
 )
 from tests.support.broker import Names, ServiceProcess
+from tests.support.payloads import SLOW_TRAINING
 from tests.support.toolkit import async_wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300), pytest.mark.rabbitmq]
@@ -65,7 +66,7 @@ async def test_worker_killed_mid_training_is_replaced_and_the_request_retried(
     large_payload: bytes,
     fault_table: FaultTable,
 ) -> None:
-    service = start_service(service_env, DEPLOYFLAG_WORKERS="1")
+    service = start_service(service_env, DEPLOYFLAG_WORKERS="1", **SLOW_TRAINING)
     killed: list[int] = []
     async with Tally(rabbit_url, names) as tally:
         await tally.publish(large_payload, message_id="killed-once")
@@ -96,7 +97,9 @@ async def test_worker_killed_on_every_attempt_parks_the_request(
     large_payload: bytes,
     fault_table: FaultTable,
 ) -> None:
-    service = start_service(service_env, DEPLOYFLAG_WORKERS="1", DEPLOYFLAG_MAX_ATTEMPTS="2")
+    service = start_service(
+        service_env, DEPLOYFLAG_WORKERS="1", DEPLOYFLAG_MAX_ATTEMPTS="2", **SLOW_TRAINING
+    )
     killed: list[int] = []
     async with Tally(rabbit_url, names) as tally:
         await tally.publish(large_payload, message_id="killed-always")
@@ -136,6 +139,7 @@ async def test_job_over_the_time_limit_is_killed_and_parked(
         DEPLOYFLAG_WORKERS="1",
         DEPLOYFLAG_JOB_TIME_LIMIT="1",
         DEPLOYFLAG_MAX_ATTEMPTS="2",
+        **SLOW_TRAINING,
     )
     async with Tally(rabbit_url, names) as tally:
         await tally.publish(large_payload, message_id="too-slow")

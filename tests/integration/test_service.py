@@ -22,6 +22,7 @@ from deployflag.settings import load_settings
 from deployflag.store import Store
 from deployflag.submit import celery_message
 from tests.support.broker import Names, ServiceProcess, Upstream
+from tests.support.payloads import SLOW_TRAINING
 from tests.support.toolkit import async_wait_until, metric, rabbitmqctl
 
 pytestmark = pytest.mark.rabbitmq
@@ -264,7 +265,7 @@ async def test_sigterm_during_training_finishes_the_request_and_exits_zero(
     upstream: Upstream,
     large_payload: bytes,
 ) -> None:
-    service = start_service(service_env)
+    service = start_service(service_env, **SLOW_TRAINING)
     await upstream.publish(large_payload, message_id="long-one")
     await async_wait_until(
         lambda: in_flight(service) == 1,
@@ -285,7 +286,7 @@ async def test_sigterm_past_the_drain_timeout_hands_the_request_back(
     upstream: Upstream,
     large_payload: bytes,
 ) -> None:
-    service = start_service(service_env, DEPLOYFLAG_DRAIN_TIMEOUT="0.2")
+    service = start_service(service_env, DEPLOYFLAG_DRAIN_TIMEOUT="0.2", **SLOW_TRAINING)
     await upstream.publish(large_payload, message_id="handed-back")
     await async_wait_until(lambda: in_flight(service) == 1, timeout=60, what="a request in flight")
     service.signal(signal.SIGTERM)

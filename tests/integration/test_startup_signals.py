@@ -18,6 +18,7 @@ import pytest
 
 from tests.integration.test_service import in_flight
 from tests.support.broker import ServiceProcess, Upstream
+from tests.support.payloads import SLOW_TRAINING
 from tests.support.postgres import PostgresCluster
 from tests.support.toolkit import async_wait_until, free_port
 
@@ -118,7 +119,7 @@ async def test_sighup_drains_like_sigterm(
     upstream: Upstream,
     large_payload: bytes,
 ) -> None:
-    service = start_service(service_env)
+    service = start_service(service_env, **SLOW_TRAINING)
     await upstream.publish(large_payload, message_id="through-a-hangup")
     await async_wait_until(lambda: in_flight(service) == 1, 60, "the request to be in flight")
     service.signal(signal.SIGHUP)
