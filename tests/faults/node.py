@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from tests.support.toolkit import free_port
+from tests.support.toolkit import free_port, rabbit_node_env
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 RABBIT_HOME = Path("/var/lib/rabbitmq")  # the rabbitmq user's home: its Erlang cookie
@@ -117,17 +117,7 @@ class BrokerNode:
                 os.chown(path, owner.pw_uid, owner.pw_gid)
         env = {
             **os.environ,
-            "RABBITMQ_NODENAME": self.name,
-            "RABBITMQ_NODE_IP_ADDRESS": self.host,
-            "RABBITMQ_NODE_PORT": str(self.port),
-            "RABBITMQ_DIST_PORT": str(self.dist_port),
-            "RABBITMQ_MNESIA_BASE": str(self.base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(self.base / "log"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.base / "enabled_plugins"),
-            "RABBITMQ_CONFIG_FILE": str(self.base / "rabbitmq"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.base / "advanced.config"),
-            "RABBITMQ_PID_FILE": str(self.base / "rabbitmq.pid"),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            **rabbit_node_env(self.name, self.host, self.port, self.dist_port, self.base),
         }
         subprocess.run(
             self._as_rabbitmq("rabbitmq-server", "-detached"),

@@ -163,9 +163,8 @@ async def test_bad_messages_do_not_starve_good_ones(
     goods = 2 * GOOD
     assert (row.replies, row.rows, row.parked) == (goods, goods, GOOD * BAD_PER_GOOD)
     if ratio > MAX_LATENCY_RATIO:
-        # A known gap, kept visible instead of asserted away: parking costs more than a good
-        # request (a SQLite audit-row commit and a confirmed publish per message), in FIFO order
-        # with the good ones, so a flood queues the good ones behind it. Group commit in the
-        # store's writer thread shares the commits (2.4x on a quiet machine, from 9.5x); the
-        # confirmed publish per park remains (docs/faults.md).
+        # Latency is measured, not asserted (a shared machine's load moves it): a miss is kept
+        # visible as xfail. Each park costs a log line, an audit-row write (shared commits) and
+        # a confirmed publish on the main loop; 1.7-1.8x on a quiet 2-core machine, 2.4x and
+        # more when other work shares the cores (docs/faults.md).
         pytest.xfail(f"good requests' median latency {ratio:.1f}x unloaded (target 2x)")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from tests.support.toolkit import free_port
+from tests.support.toolkit import free_port, rabbit_node_env
 
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 START_TIMEOUT = 90.0  # seconds for a node to boot (the machine may be busy)
@@ -167,23 +167,7 @@ class RabbitCluster:
             }
         )
         if node is not None:
-            env.update(
-                {
-                    "RABBITMQ_NODENAME": node.name,
-                    "RABBITMQ_NODE_IP_ADDRESS": HOST,
-                    "RABBITMQ_NODE_PORT": str(node.port),
-                    "RABBITMQ_DIST_PORT": str(node.dist_port),
-                    "RABBITMQ_MNESIA_BASE": str(node.base / "mnesia"),
-                    "RABBITMQ_LOG_BASE": str(node.base / "log"),
-                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(node.base / "enabled_plugins"),
-                    "RABBITMQ_CONFIG_FILE": str(node.base / "rabbitmq"),
-                    "RABBITMQ_ADVANCED_CONFIG_FILE": str(node.base / "advanced.config"),
-                    "RABBITMQ_PID_FILE": str(node.base / "rabbitmq.pid"),
-                    "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": (
-                        "-kernel inet_dist_use_interface {127,0,0,1}"
-                    ),
-                }
-            )
+            env.update(rabbit_node_env(node.name, HOST, node.port, node.dist_port, node.base))
         return env
 
     def _command(self, tool: str, *args: str) -> list[str]:
