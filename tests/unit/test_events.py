@@ -1,4 +1,4 @@
-"""Fix-rate events (SPEC §4.2)."""
+"""Fix-rate events: daily segments, historical drops and their rates (docs/pipeline.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Feature rows (SPEC §4.3) and the per-shortcode type and severity (§4.1)."""
+"""Feature rows and the per-shortcode type and severity (docs/pipeline.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Request schemas, validation errors and envelopes (SPEC §3), and the replies' encoding (§5)."""
+"""Request schemas, validation errors, envelopes and the replies' encoding (docs/protocol.md)."""
 
 from __future__ import annotations
 

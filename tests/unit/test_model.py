@@ -1,4 +1,4 @@
-"""Training and honest, time-ordered evaluation (SPEC §4.4)."""
+"""Training and honest, time-ordered evaluation (docs/pipeline.md)."""
 
 from __future__ import annotations
 
