@@ -82,6 +82,7 @@ from deployflag.settings import Settings
 from deployflag.store import Claim, QueuedClaim, Store
 
 T = TypeVar("T")
+MAX_ATTEMPTS_ERROR = "delivered more often than DEPLOYFLAG_MAX_ATTEMPTS"
 log = logs.get_logger("deployflag.handler")
 
 # Bodies up to this size are decoded on the loop: cheaper than a round trip to the pool, and
@@ -315,11 +316,7 @@ class MessageHandler:
         if claim.status == "done":
             return _stored(claim.result)
         if claim.attempts > self._s.max_attempts:  # counted, and nothing recorded
-            raise InvalidRequest(
-                "max_attempts",
-                "delivered more often than DEPLOYFLAG_MAX_ATTEMPTS "
-                f"(gave up after {self._s.max_attempts} attempts)",
-            )
+            raise self._gave_up("max_attempts", MAX_ATTEMPTS_ERROR)
         return answer if folded.recorded else _stored(folded.stored)
 
     async def _queued_claim(self, d: Delivery, envelope: Envelope, queued: QueuedClaim) -> Claim:
@@ -339,7 +336,7 @@ class MessageHandler:
         """Run the pipeline (``started``: its first try, already running); a crash or time
         limit costs an attempt, and the last one parks."""
         assert d.envelope is not None
-        reason, error = "max_attempts", "delivered more often than DEPLOYFLAG_MAX_ATTEMPTS"
+        reason, error = "max_attempts", MAX_ATTEMPTS_ERROR
         free_retries = self._s.max_attempts  # for pools killed over another job's time limit
         while attempts <= self._s.max_attempts:
             try:
@@ -361,17 +358,17 @@ class MessageHandler:
             if claim.status == "done":
                 return _stored(claim.result)
             attempts = claim.attempts
-        raise InvalidRequest(reason, f"{error} (gave up after {self._s.max_attempts} attempts)")
+        raise self._gave_up(reason, error)
+
+    def _gave_up(self, reason: str, error: str) -> InvalidRequest:
+        return InvalidRequest(reason, f"{error} (gave up after {self._s.max_attempts} attempts)")
 
     def _result(self, envelope: Envelope, computed: worker.Computed) -> TrainingResult:
         if envelope.repo_id is None:  # identified from its headers: the body had it
             structlog.contextvars.bind_contextvars(repo_id=computed.computation.repo_id)
-        c = computed.computation  # validated in the worker: built as is, not dumped and re-read
+        # Validated in the worker: its fields taken as they are, not dumped and re-read.
         return TrainingResult.model_construct(
-            repo_id=c.repo_id,
-            scoring=c.scoring,
-            scores=c.scores,
-            model=c.model,
+            **dict(computed.computation),
             request_id=envelope.request_id,
             status="ok",
             deployflag_version=__version__,
