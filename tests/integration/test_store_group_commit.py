@@ -175,10 +175,16 @@ async def test_a_lost_transaction_fails_the_whole_batch(store: Store) -> None:
         await queued(store, 1)
         lost = asyncio.ensure_future(store._write(loses_the_transaction))
         await queued(store, 2)
-    outcomes = await asyncio.gather(first, lost, return_exceptions=True)
+        behind = asyncio.ensure_future(store.claim("behind", 1))  # never runs in that batch
+        await queued(store, 3)
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(first, lost, behind, return_exceptions=True), timeout=10
+    )
     assert isinstance(outcomes[1], Exception)  # its own error, or the rollback's
     assert isinstance(outcomes[0], TransientError), outcomes[0]
+    assert isinstance(outcomes[2], TransientError), outcomes[2]
     assert await store.get_request("before") is None
+    assert await store.get_request("behind") is None
     # The writer goes on with the next transaction.
     assert await store.claim("after", 1) == Claim(status="pending", attempts=1)
 

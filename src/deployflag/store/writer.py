@@ -146,6 +146,7 @@ class GroupWriter:
         if not started:
             return
         done: list[tuple[Pending[Any], Any]] = []
+        failed: set[int] = set()  # ids of those that failed on their own (and were told)
         try:
             with self._engine.begin() as conn:
                 for pending in started:
@@ -154,16 +155,16 @@ class GroupWriter:
                             value = pending.body(conn)
                     except Exception as exc:  # rolled back to its savepoint: it fails alone
                         pending.settle(error=exc)
+                        failed.add(id(pending))
                         if not _in_transaction(conn):
                             # SQLite rolled back the whole transaction (disk full, I/O error):
                             # the work done so far is lost, and COMMIT would not say so.
                             raise TransactionLost(str(exc)) from exc
                     else:
                         done.append((pending, value))
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of the batch is committed
-            failed_alone = {id(p) for p in started} - {id(p) for p, _ in done}
+        except Exception as exc:  # nothing of the batch is committed: the done, the not yet run
             for pending in started:
-                if id(pending) not in failed_alone or not done:
+                if id(pending) not in failed:
                     pending.settle(error=exc)
             return
         finally:
