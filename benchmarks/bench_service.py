@@ -4,8 +4,9 @@
 
 Parts (docs/benchmarks.md says what each measures and why):
 
-1. overhead  — small requests that train no model: serve vs Celery as the original ran it
-               (max_tasks_per_child=1) vs Celery well-configured vs the raw broker path.
+1. overhead  — small requests that train no model (the worked example without its fixes):
+               serve vs Celery as the original ran it (max_tasks_per_child=1) vs Celery
+               well-configured vs the raw broker path.
 1b. postgres — part 1's serve (default) and Celery well-configured with PostgreSQL as the store
                (one throwaway cluster, a fresh database each).
 2. reference — generate("reference") payloads that train a model: 1 vs 2 workers, vs Celery.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -88,9 +90,30 @@ MB = 1024 * 1024
 
 
 def small_payload() -> bytes:
-    """The worked example (examples/worked-example.json): 1.6 kB, one label class, so no model
-    is trained."""
-    return (ROOT / "examples" / "worked-example.json").read_bytes()
+    """The worked example (examples/worked-example.json, 1.6 kB) with every fix taken out: the
+    counts only grow and nothing is resolved, so there is one label class and no model under
+    either scoring. (The worked example itself has fixes: forecast scoring trains a 5-row model
+    on it, ~4 ms of a worker's CPU, which would measure scikit-learn rather than the overhead.)"""
+    request = orjson.loads((ROOT / "examples" / "worked-example.json").read_bytes())
+    for i, row in enumerate(request["analysis_run"]):
+        row["frequency_detected"], row["frequency_resolved"] = 5 + 2 * i, 0
+    for i, row in enumerate(request["historical_run"]):
+        row["frequency"] = 10 + i
+    body = orjson.dumps(request)
+    check_untrained(body)
+    return body
+
+
+def check_untrained(body: bytes) -> None:
+    """Stop if the overhead payload trains a model at the default settings (a scoring change
+    would otherwise turn part 1 into a training benchmark without anybody noticing)."""
+    from deployflag.messages import parse_request
+    from deployflag.pipeline import compute
+    from deployflag.settings import Settings
+
+    model = compute(parse_request(body), Settings().pipeline_config()).model
+    if model.trained:
+        raise SystemExit("the overhead payload trains a model: fix small_payload()")
 
 
 def factory(payload: bytes) -> Callable[[str], aio_pika.Message]:
@@ -654,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=RESULTS, help="where service.md and throughput.png go"
     )
     parser.add_argument("--json", type=Path, help="also write every batch's figures here")
+    parser.add_argument(
+        "--prefetch-knob",
+        type=int,
+        default=8,
+        help="the second serve row of part 1 runs with this DEPLOYFLAG_PREFETCH (default 8)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, DBs)")
     parser.add_argument(
         "--skip-original",
@@ -672,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be at least 1")
 
     plan = Plan.quick(args.repeats) if args.quick else Plan.full(args.repeats)
+    plan = dataclasses.replace(plan, prefetch_knob=args.prefetch_knob)
     parts = list(args.only or PARTS)
     install_signal_cleanup()
     work = Path(tempfile.mkdtemp(prefix="deployflag-bench-"))

@@ -31,7 +31,7 @@ class Plan:
     long: int
     window: int = 1000
     warmup: int = 50
-    prefetch_knob: int = 8  # the documented DEPLOYFLAG_PREFETCH knob (4 × workers), in part 1
+    prefetch_knob: int = 8  # part 1's second serve row (--prefetch-knob; 8: 4 × workers)
 
     @classmethod
     def full(cls, repeats: int) -> Plan:

@@ -36,6 +36,7 @@ from deployflag.settings import Settings
 from deployflag.store import migrate
 from deployflag.store.engine import create_engine, sqlite_writer_engine
 from deployflag.store.failures import Target, guard
+from deployflag.store.prepared import Prepared
 from deployflag.store.tables import (
     REASON_LENGTH,
     GridSearchParameter,
@@ -55,6 +56,11 @@ _frameworks: Table = ModelFramework.__table__  # type: ignore[assignment]
 _grids: Table = GridSearchParameter.__table__  # type: ignore[assignment]
 _metadata: Table = ModelPerformanceMetadata.__table__  # type: ignore[assignment]
 _metadata_insert = plain_insert(_metadata)
+# Every column of a metadata row but its id, in the order the record writes them.
+_METADATA_COLUMNS = tuple(c.name for c in _metadata.columns if c.name != "id")
+
+# A statement as the store runs it: values in, the first returned row (or None) out.
+Statement = Callable[[Connection, dict[str, Any]], tuple[Any, ...] | None]
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,32 @@ class Store:
         }
         return text(compiled.string).bindparams(*binds.values())
 
+    def _statement(self, statement: Any) -> Statement:
+        """``statement`` for the connections this store writes with: SQLite files through the
+        writer thread's driver connection (store/prepared.py), others through SQLAlchemy."""
+        if self._writer is not None:
+            return Prepared(statement).first
+        reusable = self._reusable(statement)
+
+        def run(conn: Connection, values: dict[str, Any]) -> tuple[Any, ...] | None:
+            row = conn.execute(reusable, values).first()
+            return None if row is None else tuple(row)
+
+        return run
+
+    @cached_property
+    def _metadata_row(self) -> Statement:
+        columns = {
+            name: bindparam(name, type_=_metadata.c[name].type) for name in _METADATA_COLUMNS
+        }
+        if self._writer is not None:
+            return Prepared(plain_insert(_metadata).values(columns)).first
+
+        def run(conn: Connection, values: dict[str, Any]) -> None:
+            conn.execute(_metadata_insert, values)
+
+        return run
+
     def _request_upsert(
         self,
         values: dict[str, Any],
@@ -295,7 +327,7 @@ class Store:
             },
             same_body=True,
         )
-        return self._reusable(upsert.returning(t.c.attempts))
+        return self._statement(upsert.returning(t.c.attempts))
 
     @cached_property
     def _finish_upsert(self) -> Any:
@@ -312,7 +344,7 @@ class Store:
                 "finished_at": row["updated_at"],
             },
         )
-        return self._reusable(upsert.returning(t.c.id))
+        return self._statement(upsert.returning(t.c.id))
 
     # --- requests ------------------------------------------------------------------------
 
@@ -329,9 +361,9 @@ class Store:
         }
 
         def transaction(conn: Connection) -> Claim:
-            attempts = conn.execute(upsert, values).scalar_one_or_none()
-            if attempts is not None:
-                return Claim(status="pending", attempts=attempts)
+            claimed = upsert(conn, values)
+            if claimed is not None:
+                return Claim(status="pending", attempts=claimed[0])
             # Nothing was written: the row is done, or holds another body (its digest never
             # changes once set), so what is read here is final.
             row = conn.execute(
@@ -412,7 +444,7 @@ class Store:
         result_json = result.model_dump(mode="json")
         t = _requests
         now = utcnow()
-        finish = self._finish_upsert
+        finish, insert = self._finish_upsert, self._metadata_row
         values = {
             "request_id": result.request_id,
             "repo_id": _text_id(result.repo_id),
@@ -422,7 +454,7 @@ class Store:
         found: dict[tuple[str, str], int] = {}
 
         def transaction(conn: Connection) -> tuple[bool, dict[str, Any]]:
-            if conn.execute(finish, values).first() is None:
+            if finish(conn, values) is None:
                 stored = conn.scalar(select(t.c.result).where(t.c.request_id == result.request_id))
                 return False, stored if isinstance(stored, dict) else {}
             framework_id = self._framework_id(conn, result, config, found)
@@ -431,8 +463,8 @@ class Store:
             # A plain INSERT, one statement with its values bound at execution (compiled once;
             # dialect upserts are compiled on every execution): the upsert above moved the
             # request to done in this transaction, so no metadata row for it can exist yet.
-            conn.execute(
-                _metadata_insert,
+            insert(
+                conn,
                 {
                     "repo_id": str(result.repo_id),
                     "precision_score": result.model.precision,

@@ -26,7 +26,10 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
+
+from deployflag.store.prepared import execute
 
 T = TypeVar("T")
 MAX_BATCH = 64  # transactions per commit: bounds how long the write lock is held at once
@@ -38,8 +41,12 @@ class WriterClosed(RuntimeError):
     """The store was closed; no transaction is taken any more."""
 
 
-class TransactionLost(RuntimeError):
-    """SQLite ended the shared transaction itself after one of its statements failed."""
+class TransactionLost(sa_exc.OperationalError):
+    """SQLite ended the shared transaction itself after one of its statements failed (a full
+    disk, an I/O error): to every transaction of the batch, the database is unavailable."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(None, None, cause)
 
 
 def _in_transaction(conn: Connection) -> bool:
@@ -98,6 +105,7 @@ class GroupWriter:
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Pending[Any] | None] = queue.SimpleQueue()
         self._closed = False
+        self._conn: Connection | None = None
         self._thread = threading.Thread(target=self._serve, name="deployflag-sqlite", daemon=True)
         self._thread.start()
         self.batches = 0  # commits, and the transactions in them: for tests and benchmarks
@@ -139,7 +147,25 @@ class GroupWriter:
                     batch.append(item)
                 self._commit(batch)
         finally:
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    self._conn.close()
             self._engine.dispose()
+
+    def _connection(self) -> Connection:
+        # Kept open between batches: a checkout per batch costs a pool round trip and the
+        # pool's rollback on return, for nothing (this thread is the connection's only user).
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        """After a failed batch: the next one starts on a fresh connection."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.invalidate()
+                conn.close()
 
     def _commit(self, batch: list[Pending[Any]]) -> None:
         started = [p for p in batch if p.start()]
@@ -148,21 +174,27 @@ class GroupWriter:
         done: list[tuple[Pending[Any], Any]] = []
         failed: set[int] = set()  # ids of those that failed on their own (and were told)
         try:
-            with self._engine.begin() as conn:
+            conn = self._connection()
+            with conn.begin():  # BEGIN IMMEDIATE (store/engine.py) … COMMIT
                 for pending in started:
+                    # Savepoints on the driver connection: SQLAlchemy's nested transactions
+                    # cost more than the statements of a small request.
+                    execute(conn, "SAVEPOINT deployflag_tx")
                     try:
-                        with conn.begin_nested():
-                            value = pending.body(conn)
-                    except Exception as exc:  # rolled back to its savepoint: it fails alone
+                        value = pending.body(conn)
+                    except Exception as exc:
                         pending.settle(error=exc)
                         failed.add(id(pending))
                         if not _in_transaction(conn):
                             # SQLite rolled back the whole transaction (disk full, I/O error):
                             # the work done so far is lost, and COMMIT would not say so.
-                            raise TransactionLost(str(exc)) from exc
+                            raise TransactionLost(exc) from exc
+                        execute(conn, "ROLLBACK TO deployflag_tx")  # it fails alone
                     else:
                         done.append((pending, value))
+                    execute(conn, "RELEASE deployflag_tx")
         except Exception as exc:  # nothing of the batch is committed: the done, the not yet run
+            self._drop_connection()
             for pending in started:
                 if id(pending) not in failed:
                     pending.settle(error=exc)

@@ -1,0 +1,113 @@
+"""The SQLite writer runs the per-request statements on the driver connection (store/prepared.py):
+the rows must come out byte for byte as SQLAlchemy's own execution writes them, and driver errors
+must reach the store's error mapping as SQLAlchemy's would."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import bindparam, exc, insert
+
+from deployflag.errors import FatalError
+from deployflag.pipeline.config import PipelineConfig
+from deployflag.settings import load_settings
+from deployflag.store import Store, repository
+from deployflag.store.prepared import Prepared
+from deployflag.store.tables import TrainingRequest
+from tests.support.store import make_result
+
+CONFIG = PipelineConfig(scoring="seed")
+FROZEN = datetime(2026, 3, 4, 5, 6, 7, 890123, tzinfo=UTC)
+TABLES = ("training_request", "model_performance_metadata")
+
+
+async def raw_rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    """Every stored value as SQLite holds it (text for timestamps and JSON), ids left out."""
+    out = {}
+    async with store.engine.connect() as conn:
+        for table in TABLES:
+            result = await conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY request_id")
+            out[table] = [tuple(row)[1:] for row in result]
+    return out
+
+
+async def requests_written(store: Store) -> dict[str, list[tuple[Any, ...]]]:
+    await store.claim("claimed", 7, "a" * 64)
+    await store.claim("claimed", 7, "a" * 64)  # counted twice
+    await store.record_result(make_result("recorded", 8), CONFIG)
+    await store.claim_and_record(make_result("folded", "x-9", roc_auc=None), CONFIG, "b" * 64, 3)
+    return await raw_rows(store)
+
+
+class ThroughSqlalchemy:
+    """Stands in for Prepared: the same statement, run by ``Connection.execute``."""
+
+    def __init__(self, statement: Any) -> None:
+        self._statement = statement
+
+    def first(self, conn: Any, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        result = conn.execute(self._statement, values)
+        row = result.first() if result.returns_rows else None
+        return None if row is None else tuple(row)
+
+
+async def test_the_writer_stores_what_sqlalchemy_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository, "utcnow", lambda: FROZEN)
+    written = []
+    for name in ("prepared", "sqlalchemy"):
+        if name == "sqlalchemy":
+            monkeypatch.setattr(repository, "Prepared", ThroughSqlalchemy)
+        url = f"sqlite+aiosqlite:///{tmp_path / name / 'deployflag.db'}"
+        store = await Store.open(load_settings(database_url=url, data_dir=tmp_path / name))
+        try:
+            written.append(await requests_written(store))
+        finally:
+            await store.close()
+    prepared, through_sqlalchemy = written
+    assert prepared == through_sqlalchemy
+    assert len(prepared["training_request"]) == 3
+    assert len(prepared["model_performance_metadata"]) == 2
+
+
+def test_prepared_parameters_go_through_the_column_types() -> None:
+    table = TrainingRequest.__table__
+    statement = insert(table).values(
+        request_id=bindparam("rid", type_=table.c.request_id.type),
+        status="pending",
+        result=bindparam("result", type_=table.c.result.type),
+        updated_at=bindparam("now", type_=table.c.updated_at.type),
+    )
+    params = Prepared(statement).parameters({"rid": "r", "result": {"b": 1, "a": 2}, "now": FROZEN})
+    assert params["rid"] == "r"
+    assert params["result"] == '{"a": 2, "b": 1}'  # JSONText: sorted keys
+    assert params["now"] == "2026-03-04 05:06:07.890123"  # naive UTC text, as SQLAlchemy stores
+    assert "pending" in params.values()  # the constant travels as a parameter
+    with pytest.raises(ValueError, match="naive datetime"):
+        Prepared(statement).parameters({"rid": "r", "result": None, "now": datetime(2026, 1, 1)})
+
+
+async def test_a_driver_error_is_mapped_like_sqlalchemys(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'file.db'}"
+    store = await Store.open(load_settings(database_url=url, data_dir=tmp_path))
+    try:
+
+        def missing_table(conn: Any) -> None:
+            raw = Prepared(insert(TrainingRequest.__table__).values(request_id="x"))
+            raw.sql = "INSERT INTO no_such_table VALUES (1)"  # sqlite3.OperationalError
+            raw.first(conn, {})
+
+        with pytest.raises(exc.OperationalError) as raised:
+            await store._writer.run(missing_table)  # type: ignore[union-attr]
+        assert isinstance(raised.value.orig, sqlite3.OperationalError)
+        # Through the store's guard, as any other write: "no such table" on SQLite means the
+        # file was replaced behind the service's back (fatal), not a bug.
+        with pytest.raises(FatalError, match="no such table"):
+            await store._write(missing_table)
+    finally:
+        await store.close()
