@@ -30,7 +30,7 @@ settlement (docs/handler.md has the same table, with every park reason):
     the reply is over the size limit          park reply_too_large before the result   parked
                                                 is recorded as done
     WorkerCrashed, JobTimeLimit               attempt counted, tried again; the last   parked
-                                                one parks (collateral crash: free)
+                                                one parks
     TransientError, broker errors             retried in place with backoff, unacked   (retried)
     channel closed, ack failed                left to the broker (nack if it answers)  requeued
     stopping during a retry; cancellation     nack with requeue (shielded)             requeued
@@ -337,7 +337,6 @@ class MessageHandler:
         limit costs an attempt, and the last one parks."""
         assert d.envelope is not None
         reason, error = "max_attempts", MAX_ATTEMPTS_ERROR
-        free_retries = self._s.max_attempts  # for pools killed over another job's time limit
         while attempts <= self._s.max_attempts:
             try:
                 job, started = started, None
@@ -346,11 +345,6 @@ class MessageHandler:
             except JobTimeLimit as exc:
                 reason, error = "time_limit", str(exc)
             except WorkerCrashed as exc:
-                if exc.collateral and free_retries > 0:
-                    free_retries -= 1
-                    log.info("pool killed over another job's time limit: retrying, not counted")
-                    d.check_alive()
-                    continue
                 reason, error = "worker_crashed", str(exc)
             log.warning("attempt failed", reason=reason, error=error, attempt=attempts)
             d.check_alive()

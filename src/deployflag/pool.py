@@ -1,9 +1,17 @@
-"""The process pool that does the CPU-bound work, and what to do when a worker dies.
+"""The worker processes that do the CPU-bound work, each with a pipe of its own to the loop.
 
-A ProcessPoolExecutor whose worker dies (SIGKILL, the OOM killer, a segfault) is broken for good:
-every pending future fails with BrokenProcessPool. This wrapper rebuilds it once per breakage,
-kills it on purpose when a job runs past the time limit, and tells the caller which of the two
-happened so the attempt can be counted.
+Every worker is a process forked from a forkserver, holding one end of a duplex pipe; the loop
+holds the other and watches it with ``add_reader``. A job is pickled and written to an idle
+worker's pipe, and its outcome read back when the pipe becomes readable: no helper threads, no
+wake-up pipes, one write and one read per job. (``ProcessPoolExecutor`` hands each job to a
+feeder thread and each result to a manager thread; on small requests those hand-offs cost more
+of the service's CPU than the job itself.)
+
+Owning each worker also makes failures precise: a worker that dies (SIGKILL, the OOM killer, a
+segfault) closes its pipe, so exactly its own job fails with :class:`WorkerCrashed`; a job past
+its time limit gets its worker killed, and nobody else's. Either way that one worker is
+replaced before it takes another job. Jobs beyond the number of workers wait for an idle one,
+outside their time limit.
 """
 
 from __future__ import annotations
@@ -12,9 +20,10 @@ import asyncio
 import contextlib
 import multiprocessing
 import os
+import pickle
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar
 
 from deployflag import logs, worker
@@ -22,23 +31,30 @@ from deployflag.settings import Settings
 
 T = TypeVar("T")
 log = logs.get_logger("deployflag.pool")
-WARM_UP_TIMEOUT = 120.0  # seconds for every worker of a new pool to start and import
+WARM_UP_TIMEOUT = 120.0  # seconds for a new worker to start and import its libraries
+# Jobs up to this size are written to the pipe from the loop: the worker is idle, so its pipe is
+# empty and the write cannot block (a Linux pipe holds 64 KiB). Larger ones from a thread.
+INLINE_SEND_BYTES = 48 * 1024
+CRASHED = "a worker process died"
 
 
 class WorkerCrashed(Exception):
-    """The worker process running the job died, or the pool broke under it; retry the job.
-
-    ``collateral`` is true when the pool was killed because another job ran past the time
-    limit: this job did nothing wrong, and its attempt should not count.
-    """
-
-    def __init__(self, message: str, *, collateral: bool = False) -> None:
-        super().__init__(message)
-        self.collateral = collateral
+    """The worker process running the job died; the job may be retried."""
 
 
 class JobTimeLimit(Exception):
     """The job ran past the time limit; its worker was killed."""
+
+
+class _Slot:
+    """One worker: its process, the loop's end of its pipe, and the job it is running."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: BaseProcess | None = None
+        self.conn: Connection | None = None
+        self.job: asyncio.Future[tuple[bool, Any]] | None = None
+        self.alive = False  # started, warmed, and its pipe open
 
 
 class WorkerPool:
@@ -49,130 +65,207 @@ class WorkerPool:
         on_health: Callable[[bool], None] | None = None,
     ) -> None:
         self._settings = settings
-        self._on_rebuild = on_rebuild
-        # Told False while a broken pool is replaced and when its replacement did not start,
-        # True once a pool has started (or a job has succeeded on it): readiness follows.
+        self._on_rebuild = on_rebuild  # told the cause each time a worker is replaced
+        # Told False when a worker's replacement did not start and when the pool closes, True
+        # once every worker is up again: readiness follows.
         self._on_health = on_health or (lambda _: None)
         self._healthy = False
-        self._executor: ProcessPoolExecutor | None = None
-        self._generation = 0
-        self._causes: dict[int, str] = {}  # generation → why it was replaced
-        self._lock = asyncio.Lock()
-        # One job per worker is handed to the executor; the rest wait here. So a job's time
-        # limit runs while it runs, not while it waits behind others in the executor's queue,
-        # and killing the pool for one job's time limit interrupts only jobs that were running.
-        self._slots = asyncio.Semaphore(settings.workers)
+        self._slots = [_Slot(i) for i in range(settings.workers)]
+        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
+        self._closed = False
         worker.cap_threads()  # inherited by the forkserver and every worker it forks
         # forkserver: workers are forked from a clean server process that never ran an event
-        # loop, with numpy and scikit-learn already imported there (fast rebuilds).
+        # loop, with numpy and scikit-learn already imported there (fast replacements).
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(["deployflag.worker", "deployflag.pipeline.model"])
 
-    def _new_executor(self) -> ProcessPoolExecutor:
-        s = self._settings
-        return ProcessPoolExecutor(
-            max_workers=s.workers,
-            mp_context=self._context,
-            initializer=worker.init_worker,
-            initargs=(
-                s.log_format,
-                s.log_level,
-                int(s.worker_memory_limit),
-                os.getpid(),
-                s.max_shortcodes,
-            ),
-        )
+    # --- life cycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the executor and wait until every worker has imported its libraries."""
-        executor = self._new_executor()
+        """Start every worker and wait until each has imported its libraries."""
         try:
-            await self._warm(executor)
+            await asyncio.gather(*(self._start_worker(slot) for slot in self._slots))
         except BaseException:
-            await asyncio.to_thread(_kill, executor)
+            await self.close()
             raise
-        self._executor = executor
+        for slot in self._slots:
+            self._idle.put_nowait(slot)
         self._set_health(True)
+
+    async def close(self) -> None:
+        self._closed = True
+        await asyncio.gather(*(self._stop_worker(slot) for slot in self._slots))
+        self._set_health(False)
 
     def _set_health(self, ok: bool) -> None:
         if ok != self._healthy:
             self._healthy = ok
             self._on_health(ok)
 
-    async def _warm(self, executor: ProcessPoolExecutor) -> None:
-        """Start every worker now, so that no job's time limit pays for a worker's start."""
-        loop = asyncio.get_running_loop()
-        pings = [loop.run_in_executor(executor, worker.ping) for _ in range(self._settings.workers)]
-        await asyncio.wait_for(asyncio.gather(*pings), WARM_UP_TIMEOUT)
+    async def _start_worker(self, slot: _Slot) -> None:
+        """Start a worker for ``slot`` and wait for its first answer. Raises WorkerCrashed or
+        TimeoutError when it does not come up."""
+        s = self._settings
+        initargs = (
+            s.log_format,
+            s.log_level,
+            int(s.worker_memory_limit),
+            os.getpid(),
+            s.max_shortcodes,
+        )
+        ours, theirs = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=worker.serve,
+            args=(theirs, initargs),
+            name=f"deployflag-worker-{slot.index}",
+            daemon=True,
+        )
+        try:
+            # Starting talks to the forkserver (and starts it, the first time): not on the loop.
+            await asyncio.to_thread(process.start)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the worker's end lives in the worker: its death closes the pipe
+        slot.process, slot.conn, slot.job = process, ours, None
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable, slot, ours)
+        slot.alive = True
+        ok, value = await self._exchange(slot, worker.ping, (), WARM_UP_TIMEOUT)
+        if not ok:
+            raise WorkerCrashed(f"the worker failed to start: {value}")
+
+    async def _stop_worker(self, slot: _Slot) -> None:
+        process, conn, job = slot.process, slot.conn, slot.job
+        slot.alive, slot.process, slot.conn, slot.job = False, None, None, None
+        if conn is not None:
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+            conn.close()
+        if job is not None and not job.done():
+            job.cancel()
+        if process is not None:
+            with contextlib.suppress(ValueError):  # never started
+                if process.is_alive():
+                    process.kill()
+                await asyncio.to_thread(process.join, 5)
+                process.close()
+
+    async def _replace(self, slot: _Slot, cause: str) -> None:
+        """Stop ``slot``'s worker and start another; readiness follows whether it started."""
+        log.warning("worker replaced", cause=cause, worker=slot.index)
+        await self._stop_worker(slot)
+        if self._on_rebuild is not None:
+            self._on_rebuild(cause)
+        if self._closed:
+            return
+        try:
+            await self._start_worker(slot)
+        except (WorkerCrashed, TimeoutError, OSError) as exc:
+            # Readiness goes false; the next job to take this slot tries again.
+            log.warning("replacement worker did not start", error=str(exc) or type(exc).__name__)
+            await self._stop_worker(slot)
+            self._set_health(False)
+        else:
+            self._set_health(all(s.alive for s in self._slots))
+
+    # --- jobs ---------------------------------------------------------------------------------
 
     async def run(self, fn: Callable[..., T], *args: Any, time_limit: float | None = None) -> T:
         """Run ``fn(*args)`` in a worker. Raises WorkerCrashed or JobTimeLimit on those events;
         the job's own exceptions pass through unchanged."""
-        async with self._slots:
-            return await self._run(fn, *args, time_limit=time_limit)
-
-    async def _run(self, fn: Callable[..., T], *args: Any, time_limit: float | None) -> T:
-        if self._executor is None:
-            async with self._lock:  # a rebuild is under way: wait for the new pool
-                pass
-        executor = self._executor
-        if executor is None:
+        if self._closed:
             raise WorkerCrashed("the pool is not running")
-        generation = self._generation
+        slot = await self._idle.get()
         try:
-            future = executor.submit(fn, *args)
-        except (BrokenProcessPool, RuntimeError) as exc:
-            await self._rebuild(generation, "crash")
-            raise WorkerCrashed(str(exc) or "the pool is broken") from None
+            if not slot.alive:  # died while idle, or its replacement did not start
+                await self._replace(slot, "crash")
+                if not slot.alive:
+                    raise WorkerCrashed("no worker could be started")
+            ok, value = await self._call(slot, fn, args, time_limit)
+        finally:
+            self._release(slot)
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    def _release(self, slot: _Slot) -> None:
+        """Back to the idle workers once its job is over, even when the caller stopped waiting
+        (a cancelled caller must not free a worker that is still busy)."""
+        job = slot.job
+        if job is None or job.done():
+            self._idle.put_nowait(slot)
+        else:
+            job.add_done_callback(lambda _: self._idle.put_nowait(slot))
+
+    async def _call(
+        self, slot: _Slot, fn: Callable[..., Any], args: tuple[Any, ...], time_limit: float | None
+    ) -> tuple[bool, Any]:
+        """:meth:`_exchange`, replacing the worker when it died or ran out of time."""
         try:
-            value = await asyncio.wait_for(asyncio.wrap_future(future), time_limit)
+            return await self._exchange(slot, fn, args, time_limit)
         except TimeoutError:
-            await self._rebuild(generation, "time_limit")
+            await self._replace(slot, "time_limit")
             raise JobTimeLimit(f"ran past the {time_limit:g} s time limit") from None
-        except BrokenProcessPool as exc:
-            # Killed for another job's time limit (that job rebuilt the pool already), or a
-            # worker died: then nobody can tell whose job killed it, so every job counts it.
-            collateral = self._causes.get(generation) == "time_limit"
-            await self._rebuild(generation, "crash")
-            raise WorkerCrashed(
-                str(exc) or "a worker process died", collateral=collateral
-            ) from None
-        self._set_health(True)  # a replacement that was slow to start has come up after all
-        return value
+        except WorkerCrashed:
+            await self._replace(slot, "crash")
+            raise
 
-    async def _rebuild(self, generation: int, cause: str) -> None:
-        """Replace the executor once per breakage, however many jobs noticed it."""
-        async with self._lock:
-            if generation != self._generation or self._executor is None:
-                return
-            old, self._executor = self._executor, None
-            self._set_health(False)
-            self._causes[generation] = cause
-            self._generation += 1
-            log.warning("pool rebuild", cause=cause, generation=self._generation)
-            await asyncio.to_thread(_kill, old)
-            if self._on_rebuild is not None:
-                self._on_rebuild(cause)
-            executor = self._new_executor()
-            try:
-                await self._warm(executor)
-            except (BrokenProcessPool, TimeoutError) as exc:
-                # Readiness stays false; the next job finds out, and rebuilds again.
-                log.warning("rebuilt pool did not start", error=str(exc) or type(exc).__name__)
+    async def _exchange(
+        self, slot: _Slot, fn: Callable[..., Any], args: tuple[Any, ...], time_limit: float | None
+    ) -> tuple[bool, Any]:
+        """Send one job to ``slot``'s idle worker and wait for its outcome: (ok, the value or
+        the exception it raised). WorkerCrashed when the worker died, TimeoutError past
+        ``time_limit`` (the worker is then still busy: the caller replaces it)."""
+        conn = slot.conn
+        assert conn is not None
+        job: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
+        job.add_done_callback(_retrieved)  # its caller may have stopped waiting
+        slot.job = job
+        data = pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL)
+        try:
+            if len(data) <= INLINE_SEND_BYTES:
+                conn.send_bytes(data)
             else:
-                self._set_health(True)
-            self._executor = executor
+                await asyncio.to_thread(conn.send_bytes, data)
+        except OSError:  # its end is closed: the worker is gone
+            if not job.done():
+                job.set_exception(WorkerCrashed(CRASHED))
+        try:
+            return await asyncio.wait_for(asyncio.shield(job), time_limit)
+        except TimeoutError:
+            job.cancel()
+            raise
 
-    async def close(self) -> None:
-        if self._executor is not None:
-            await asyncio.to_thread(_kill, self._executor)
-            self._executor = None
-        self._set_health(False)
+    def _readable(self, slot: _Slot, conn: Connection) -> None:
+        """The loop's reader on a worker's pipe: its job's outcome, or its end (EOF)."""
+        job = slot.job if slot.conn is conn else None
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+            if slot.conn is conn:
+                slot.alive = False
+            if job is not None and not job.done():
+                job.set_exception(WorkerCrashed(CRASHED))
+            return
+        try:
+            outcome = pickle.loads(data)  # our own worker's reply, never a message's bytes
+        except Exception as exc:  # a class the loop cannot import, say: the job's failure
+            outcome = (False, exc)
+        if job is not None and not job.done():
+            job.set_result(outcome)
+
+
+def _retrieved(job: asyncio.Future[Any]) -> None:
+    if not job.cancelled():
+        job.exception()  # marks it retrieved: no "exception was never retrieved" log
 
 
 async def discard(job: asyncio.Future[Any] | None) -> None:
-    """Let a job nobody needs finish, whatever its outcome: it is small, and cancelling it
-    would free its pool slot while its worker is still busy with it."""
+    """Let a job nobody needs finish, whatever its outcome: it is small, and its worker stays
+    busy with it anyway."""
     if job is not None:
         with contextlib.suppress(Exception):
             await job
@@ -182,14 +275,3 @@ def abandon(job: asyncio.Future[Any]) -> None:
     """Cancel a job nobody will await, and keep its outcome out of the "never retrieved" log."""
     job.cancel()
     job.add_done_callback(lambda done: done.cancelled() or done.exception())
-
-
-def _kill(executor: ProcessPoolExecutor) -> None:
-    # The executor has no public way to stop a running job (3.14 adds kill_workers()).
-    processes = dict(getattr(executor, "_processes", None) or {})
-    for process in processes.values():
-        if process.is_alive():
-            process.kill()
-    executor.shutdown(wait=False, cancel_futures=True)
-    for process in processes.values():
-        process.join(timeout=5)

@@ -12,6 +12,7 @@ import ctypes.util
 import hashlib
 import mmap
 import os
+import pickle
 import resource
 import select
 import signal
@@ -19,6 +20,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any
 
 import structlog
@@ -70,7 +72,7 @@ def init_worker(
     service_pid: int | None = None,
     max_shortcodes: int = 0,
 ) -> None:
-    """Pool initializer: logging, one thread, heavy imports, then the address-space limit."""
+    """Set up a worker process: logging, one thread, heavy imports, then the address-space limit."""
     global _limits, _max_shortcodes
     _max_shortcodes = max_shortcodes
     cap_threads()
@@ -311,3 +313,26 @@ def _process(job: Job, task_name: str, config: PipelineConfig) -> Computation:
             trained=computation.model.trained,
         )
     return computation
+
+
+def serve(conn: Connection, initargs: tuple[Any, ...]) -> None:
+    """A worker process's life: initialise, then run each job read from the pool's pipe and
+    write back ``(True, value)`` or ``(False, exception)``, until the pipe closes."""
+    init_worker(*initargs)
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except EOFError:  # the service closed its end: stop
+            return
+        outcome: tuple[bool, Any]
+        try:
+            fn, args = pickle.loads(data)  # the service's own job, never a message's bytes
+            outcome = (True, fn(*args))
+        except Exception as exc:
+            outcome = (False, exc)
+        try:
+            payload = pickle.dumps(outcome, pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # an unpicklable value or exception: say so instead
+            failure = RuntimeError(f"the job's outcome could not be sent: {exc!r}"[:1000])
+            payload = pickle.dumps((False, failure), pickle.HIGHEST_PROTOCOL)
+        conn.send_bytes(payload)

@@ -279,16 +279,6 @@ async def test_a_crash_then_success_answers_with_one_attempt_counted_per_crash()
     assert r.count("ok") == 1
 
 
-async def test_a_collateral_crash_is_retried_without_counting_an_attempt() -> None:
-    r = rig(max_attempts=1)
-    r.pool.script.append(WorkerCrashed("pool killed for another job", collateral=True))
-    message = await r.deliver(request("r1"))
-    assert message.settled == ["ack"]
-    assert r.pool.calls == ["process", "process"]
-    assert r.store.attempts["r1"] == 1, "the other job's time limit cost this one nothing"
-    assert r.count("ok") == 1
-
-
 async def test_an_unroutable_reply_is_parked_reply_unroutable() -> None:
     r = rig()
     r.publisher.reply_script.append(Unroutable("'nowhere': NO_ROUTE"))

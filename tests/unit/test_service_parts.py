@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from deployflag import pool as pool_module
 from deployflag.pool import WorkerPool
 from deployflag.service import Service
 from deployflag.settings import load_settings
@@ -43,22 +42,24 @@ async def test_a_pool_whose_replacement_did_not_start_reports_itself_unhealthy(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     reports: list[bool] = []
-    pool = WorkerPool(load_settings(workers=1), on_health=reports.append)
-    warm_fails = asyncio.Event()
+    pool = WorkerPool(load_settings(workers=2), on_health=reports.append)
+    start_fails = asyncio.Event()
 
-    async def warm(executor: object) -> None:  # no worker processes in a unit test
-        if warm_fails.is_set():
+    async def start_worker(slot: Any) -> None:  # no worker processes in a unit test
+        if start_fails.is_set():
             raise TimeoutError
+        slot.alive = True
 
-    monkeypatch.setattr(pool, "_warm", warm)
-    monkeypatch.setattr(pool_module, "_kill", lambda executor: executor.shutdown(wait=False))
+    monkeypatch.setattr(pool, "_start_worker", start_worker)
     await pool.start()
     assert reports == [True]
-    warm_fails.set()
-    await pool._rebuild(0, "crash")
-    assert reports == [True, False], "readiness must see the pool that did not come back"
-    warm_fails.clear()
-    await pool._rebuild(1, "crash")
+    first = pool._slots[0]
+    start_fails.set()
+    await pool._replace(first, "crash")
+    assert reports == [True, False], "readiness must see the worker that did not come back"
+    assert not first.alive
+    start_fails.clear()
+    await pool._replace(first, "crash")
     assert reports == [True, False, True]
     await pool.close()
     assert reports == [True, False, True, False]
