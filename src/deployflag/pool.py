@@ -222,12 +222,15 @@ class WorkerPool:
         job: asyncio.Future[tuple[bool, Any]] = asyncio.get_running_loop().create_future()
         job.add_done_callback(_retrieved)  # its caller may have stopped waiting
         slot.job = job
-        data = pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL)
         try:
-            if len(data) <= INLINE_SEND_BYTES:
-                conn.send_bytes(data)
-            else:
-                await asyncio.to_thread(conn.send_bytes, data)
+            if _carried_bytes(args) <= INLINE_SEND_BYTES:
+                data = _pickled(fn, args)
+                if len(data) <= INLINE_SEND_BYTES:
+                    conn.send_bytes(data)
+                else:
+                    await asyncio.to_thread(conn.send_bytes, data)
+            else:  # a large body: pickled (a copy of it) and written off the loop
+                await asyncio.to_thread(lambda: conn.send_bytes(_pickled(fn, args)))
         except OSError:  # its end is closed: the worker is gone
             if not job.done():
                 job.set_exception(WorkerCrashed(CRASHED))
@@ -256,6 +259,21 @@ class WorkerPool:
             outcome = (False, exc)
         if job is not None and not job.done():
             job.set_result(outcome)
+
+
+def _pickled(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    return pickle.dumps((fn, args), pickle.HIGHEST_PROTOCOL)
+
+
+def _carried_bytes(args: tuple[Any, ...]) -> int:
+    """The bytes a job carries (a message body, bare or in a :class:`worker.Job`): pickling
+    copies them, so a large one is pickled off the loop."""
+    total = 0
+    for arg in args:
+        body = getattr(arg, "body", arg)
+        if isinstance(body, bytes | bytearray | memoryview):
+            total += len(body)
+    return total
 
 
 def _retrieved(job: asyncio.Future[Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
@@ -95,3 +96,14 @@ def sleep_then_pid(seconds: float) -> int:
 
 def kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def test_a_large_job_goes_through_the_pipe_whole(pool: WorkerPool) -> None:
+    # Above the inline size the job is pickled and written from a thread, in pieces.
+    body = bytes(range(256)) * 20_000  # 5 MB
+    digest = await pool.run(sha256_hex, body, time_limit=60)
+    assert digest == hashlib.sha256(body).hexdigest()
+
+
+def sha256_hex(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
