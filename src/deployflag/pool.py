@@ -142,8 +142,8 @@ class WorkerPool:
             with contextlib.suppress(ValueError, OSError):
                 asyncio.get_running_loop().remove_reader(conn.fileno())
             conn.close()
-        if job is not None and not job.done():
-            job.cancel()
+        if job is not None and not job.done():  # its caller hears of it as of a crash
+            job.set_exception(WorkerCrashed("the worker was stopped"))
         if process is not None:
             with contextlib.suppress(ValueError):  # never started
                 if process.is_alive():
@@ -153,12 +153,12 @@ class WorkerPool:
 
     async def _replace(self, slot: _Slot, cause: str) -> None:
         """Stop ``slot``'s worker and start another; readiness follows whether it started."""
-        log.warning("worker replaced", cause=cause, worker=slot.index)
         await self._stop_worker(slot)
+        if self._closed:  # stopping: nothing to replace
+            return
+        log.warning("worker replaced", cause=cause, worker=slot.index)
         if self._on_rebuild is not None:
             self._on_rebuild(cause)
-        if self._closed:
-            return
         try:
             await self._start_worker(slot)
         except (WorkerCrashed, TimeoutError, OSError) as exc:

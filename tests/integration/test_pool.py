@@ -107,3 +107,14 @@ async def test_a_large_job_goes_through_the_pipe_whole(pool: WorkerPool) -> None
 
 def sha256_hex(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
+
+
+async def test_closing_fails_the_running_jobs_as_crashes(pool: WorkerPool) -> None:
+    running = asyncio.create_task(pool.run(time.sleep, 30, time_limit=60))
+    await asyncio.sleep(0)  # handed to a worker
+    await pool.close()
+    with pytest.raises(WorkerCrashed):
+        await asyncio.wait_for(running, 10)
+    assert pool.causes == [], "stopping is not a replacement"  # type: ignore[attr-defined]
+    with pytest.raises(WorkerCrashed, match="not running"):
+        await pool.run(os.getpid, time_limit=60)
