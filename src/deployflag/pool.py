@@ -55,6 +55,7 @@ class _Slot:
         self.conn: Connection | None = None
         self.job: asyncio.Future[tuple[bool, Any]] | None = None
         self.alive = False  # started, warmed, and its pipe open
+        self.failed = False  # its last replacement did not start (readiness is false)
 
 
 class WorkerPool:
@@ -165,9 +166,12 @@ class WorkerPool:
             # Readiness goes false; the next job to take this slot tries again.
             log.warning("replacement worker did not start", error=str(exc) or type(exc).__name__)
             await self._stop_worker(slot)
+            slot.failed = True
             self._set_health(False)
         else:
-            self._set_health(all(s.alive for s in self._slots))
+            slot.failed = False
+            # A neighbour being replaced right now does not count: only one that failed to.
+            self._set_health(not any(s.failed for s in self._slots))
 
     # --- jobs ---------------------------------------------------------------------------------
 
