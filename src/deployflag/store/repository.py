@@ -55,7 +55,6 @@ _requests: Table = TrainingRequest.__table__  # type: ignore[assignment]
 _frameworks: Table = ModelFramework.__table__  # type: ignore[assignment]
 _grids: Table = GridSearchParameter.__table__  # type: ignore[assignment]
 _metadata: Table = ModelPerformanceMetadata.__table__  # type: ignore[assignment]
-_metadata_insert = plain_insert(_metadata)
 # Every column of a metadata row but its id, in the order the record writes them.
 _METADATA_COLUMNS = tuple(c.name for c in _metadata.columns if c.name != "id")
 
@@ -242,23 +241,19 @@ class Store:
         reusable = self._reusable(statement)
 
         def run(conn: Connection, values: dict[str, Any]) -> tuple[Any, ...] | None:
-            row = conn.execute(reusable, values).first()
+            result = conn.execute(reusable, values)
+            row = result.first() if result.returns_rows else None
             return None if row is None else tuple(row)
 
         return run
 
     @cached_property
     def _metadata_row(self) -> Statement:
+        # A plain INSERT of every column but the id, its values bound at execution.
         columns = {
             name: bindparam(name, type_=_metadata.c[name].type) for name in _METADATA_COLUMNS
         }
-        if self._writer is not None:
-            return Prepared(plain_insert(_metadata).values(columns)).first
-
-        def run(conn: Connection, values: dict[str, Any]) -> None:
-            conn.execute(_metadata_insert, values)
-
-        return run
+        return self._statement(plain_insert(_metadata).values(columns))
 
     def _request_upsert(
         self,
