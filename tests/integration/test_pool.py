@@ -14,6 +14,7 @@ import pytest
 
 from deployflag.pool import JobTimeLimit, WorkerCrashed, WorkerPool
 from deployflag.settings import Settings
+from tests.support.toolkit import async_wait_until
 
 
 @pytest.fixture
@@ -71,7 +72,7 @@ async def test_the_job_s_own_exception_comes_back_as_it_was(pool: WorkerPool) ->
 
 async def test_a_cancelled_caller_does_not_free_a_busy_worker(pool: WorkerPool) -> None:
     busy = [asyncio.create_task(pool.run(time.sleep, 1.5, time_limit=60)) for _ in range(2)]
-    await asyncio.sleep(0)  # both jobs handed out
+    await async_wait_until(lambda: busy_workers(pool) == 2, 10, "both jobs handed out")
     busy[0].cancel()
     waiting = asyncio.create_task(pool.run(os.getpid, time_limit=60))
     # The cancelled job's worker is busy for 1.5 s more: the third job waits for it.
@@ -87,6 +88,11 @@ async def test_jobs_beyond_the_pool_size_wait_outside_the_time_limit(pool: Worke
     jobs = [pool.run(time.sleep, 1.5, time_limit=2.5) for _ in range(3)]
     assert await asyncio.gather(*jobs) == [None, None, None]
     assert pool.causes == []  # type: ignore[attr-defined]
+
+
+def busy_workers(pool: WorkerPool) -> int:
+    """Workers with a job handed to them and not answered yet."""
+    return sum(1 for slot in pool._slots if slot.job is not None and not slot.job.done())
 
 
 def sleep_then_pid(seconds: float) -> int:
@@ -111,7 +117,7 @@ def sha256_hex(body: bytes) -> str:
 
 async def test_closing_fails_the_running_jobs_as_crashes(pool: WorkerPool) -> None:
     running = asyncio.create_task(pool.run(time.sleep, 30, time_limit=60))
-    await asyncio.sleep(0)  # handed to a worker
+    await async_wait_until(lambda: busy_workers(pool) == 1, 10, "the job handed out")
     await pool.close()
     with pytest.raises(WorkerCrashed):
         await asyncio.wait_for(running, 10)
