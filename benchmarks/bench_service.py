@@ -73,6 +73,7 @@ from service_report import (
     CELERY_ORIGINAL,
     RAW,
     SERVE_DEFAULT,
+    SERVE_FIXED,
     Plan,
     Results,
     Row,
@@ -84,6 +85,7 @@ TRAINING_TASK = "deployflag.contrib.ocave.tasks.process_data_from_ocave"
 RESULTS = BENCH_DIR / "results"
 PARTS = ("overhead", "postgres", "reference", "large", "long")
 MB = 1024 * 1024
+NO_BURST = {"DEPLOYFLAG_BURST_PREFETCH": "0"}  # a fixed window: the prefetch alone
 
 
 # --- payloads ----------------------------------------------------------------------------------
@@ -253,6 +255,7 @@ async def run_system(
     original: bool = False,
     health: bool = False,
     db_url: Callable[[], str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> None:
     """One configuration of ``deployflag serve`` or of the Celery baseline (``original``: as
     the original ran it), measured in ``plan.repeats`` batches on fresh queues."""
@@ -271,6 +274,7 @@ async def run_system(
                 src=res.src,
                 tag=tag,
                 db_url=db_url() if db_url else None,
+                extra_env=extra_env,
             )
         else:
             flavour = "orig" if original else "good"
@@ -323,18 +327,21 @@ async def part_overhead(url: str, work: Path, res: Results) -> None:
         slowest_rate=5,
         **common,
     )
-    knob = f"deployflag serve (prefetch {plan.prefetch_knob})"
-    await run_system(
-        url,
-        work,
-        res,
-        res.row("overhead", knob, 2),
-        payload,
-        system="service",
-        prefetch=plan.prefetch_knob,
-        slowest_rate=5,
-        **common,
-    )
+    # Fixed windows (no burst consumer): the former default, and the knob.
+    knob = f"deployflag serve (fixed prefetch {plan.prefetch_knob}, no burst window)"
+    for label, prefetch in ((SERVE_FIXED, None), (knob, plan.prefetch_knob)):
+        await run_system(
+            url,
+            work,
+            res,
+            res.row("overhead", label, 2),
+            payload,
+            system="service",
+            prefetch=prefetch,
+            extra_env=NO_BURST,
+            slowest_rate=5,
+            **common,
+        )
     if not res.skip_original:
         await run_system(
             url,

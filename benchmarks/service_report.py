@@ -13,7 +13,8 @@ from pathlib import Path
 from harness import Run, median
 
 # The systems compared, as they are named in the report.
-SERVE_DEFAULT = "deployflag serve (prefetch = workers, default)"
+SERVE_DEFAULT = "deployflag serve (default: prefetch = workers + burst window)"
+SERVE_FIXED = "deployflag serve (fixed prefetch = workers, no burst window)"
 CELERY_ORIGINAL = "Celery as the original (max_tasks_per_child=1, prefetch ×1)"
 CELERY_GOOD = "Celery well-configured (prefork, defaults)"
 RAW = "raw aio-pika consume → reply → ack (ceiling)"
@@ -31,7 +32,7 @@ class Plan:
     long: int
     window: int = 1000
     warmup: int = 50
-    prefetch_knob: int = 8  # part 1's second serve row (--prefetch-knob; 8: 4 × workers)
+    prefetch_knob: int = 8  # part 1's fixed-window serve row (--prefetch-knob; 8: 4 × workers)
 
     @classmethod
     def full(cls, repeats: int) -> Plan:

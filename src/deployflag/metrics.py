@@ -126,12 +126,32 @@ class Metrics:
             "1 while the broker blocks this connection (memory or disk alarm): replies wait.",
             registry=registry,
         )
+        self.prefetch_window = Gauge(
+            "deployflag_prefetch_window",
+            "Deliveries the broker may hand this instance unacked: the prefetch, plus the burst "
+            "window while it is open.",
+            registry=registry,
+        )
+        self.burst_changes = Counter(
+            "deployflag_burst_window_changes",
+            "Times the burst window opened or closed, by change (opened, closed).",
+            ("change",),
+            registry=registry,
+        )
+        self.burst_handed_back = Counter(
+            "deployflag_burst_handed_back",
+            "Deliveries the burst consumer received after its window closed, handed back "
+            "untouched (nack with requeue) for another consumer.",
+            registry=registry,
+        )
         self.info = Info("deployflag", "Build information.", registry=registry)
         self.info.info({"version": package_version()})
 
         # Label sets known in advance start at zero, so rate() and alerts see them from the start.
         for stage in STAGES:
             self.stage_seconds.labels(stage=stage)
+        for change in ("opened", "closed"):
+            self.burst_changes.labels(change=change)
         for cause in POOL_REBUILD_CAUSES:
             self.pool_rebuilds.labels(cause=cause)
         self.requests.labels(outcome="ok", reason="")

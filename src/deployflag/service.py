@@ -20,11 +20,12 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustC
 from deployflag import __version__, logs, sentry, systemd, tls
 from deployflag.broker import nodes, topology
 from deployflag.broker.blocking import watch_blocked
+from deployflag.broker.burst import BurstConsumer, BurstPolicy
 from deployflag.broker.connection import connect
 from deployflag.broker.publisher import Publisher
 from deployflag.errors import FatalError, TransientError
 from deployflag.exitcodes import RET_BROKER, RET_CONFIG, RET_DATABASE, RET_OK
-from deployflag.handler import MessageHandler
+from deployflag.handler import INLINE_DECODE_BYTES, MessageHandler
 from deployflag.health import Health, mark_database, monitor_loop
 from deployflag.http import start_http, stop_http
 from deployflag.metrics import Metrics
@@ -53,6 +54,7 @@ class Service:
         self._connection: AbstractRobustConnection | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
+        self._burst: BurstConsumer | None = None
         self._http: Any = None
         self._handler: MessageHandler | None = None
         # The first FatalError met while serving: the service drains, stops, exits with its code.
@@ -104,11 +106,41 @@ class Service:
         self._background.append(
             asyncio.create_task(watch_blocked(self._connection, self.health, self.metrics))
         )
+        self._burst = await self._burst_consumer()
         self._consumer_tag = await self._queue.consume(self._dispatch)
         self._set_consuming(True)
         systemd.notify("READY=1\nSTATUS=consuming " + s.training_queue)
         self._background.append(asyncio.create_task(systemd.watchdog_task(self.health)))
-        log.info("consuming", queue=s.training_queue, prefetch=s.effective_prefetch)
+        log.info(
+            "consuming",
+            queue=s.training_queue,
+            prefetch=s.effective_prefetch,
+            burst_prefetch=s.effective_burst_prefetch,
+        )
+
+    async def _burst_consumer(self) -> BurstConsumer | None:
+        """The wider window for short requests (broker/burst.py); None when turned off."""
+        s = self.settings
+        self.metrics.prefetch_window.set(s.effective_prefetch)
+        if s.effective_burst_prefetch == 0:
+            return None
+        assert self._connection is not None
+        policy = BurstPolicy(
+            short_seconds=s.burst_short_seconds,
+            large_bytes=INLINE_DECODE_BYTES,
+            streak_needed=s.effective_prefetch + s.effective_burst_prefetch,
+        )
+        burst = BurstConsumer(
+            self._connection,
+            s.training_queue,
+            prefetch=s.effective_burst_prefetch,
+            base_prefetch=s.effective_prefetch,
+            policy=policy,
+            dispatch=self._dispatch,
+            metrics=self.metrics,
+        )
+        await burst.start()
+        return burst
 
     async def _open_store(self) -> Store | None:
         """Open the database, waiting for it like for the broker (a database restarting with
@@ -204,6 +236,9 @@ class Service:
         task = asyncio.create_task(self._handler(message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if (burst := self._burst) is not None:
+            token = burst.started(message)
+            task.add_done_callback(lambda _: burst.finished(token))
 
     def _set_consuming(self, ready: bool) -> None:
         self.health.consumer_ready = ready
@@ -233,6 +268,8 @@ class Service:
         self._set_consuming(False)
         systemd.notify("STOPPING=1")
         log.info("stopping: no new messages", in_flight=len(self._tasks))
+        if self._burst is not None:
+            await self._close_step("burst consumer", self._burst.close())
         if self._queue is not None and self._consumer_tag is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 10)

@@ -172,6 +172,18 @@ class Settings(BaseSettings):
     prefetch: int | None = Field(
         None, ge=1, description="Unacked messages held (default: workers)."
     )
+    burst_prefetch: int | None = Field(
+        None,
+        ge=0,
+        description="Extra unacked messages taken while requests are short (default: 3 × "
+        "workers; 0 turns the burst window off).",
+    )
+    burst_short_seconds: float = Field(
+        0.25,
+        gt=0,
+        description="A request taking longer than this (or a body over 64 KiB) closes the burst "
+        "window; a window's worth in a row within it opens it.",
+    )
     drain_timeout: float = Field(
         60.0, gt=0, description="Seconds to finish in-flight work on stop."
     )
@@ -415,6 +427,10 @@ class Settings(BaseSettings):
     def effective_prefetch(self) -> int:
         return self.prefetch or self.workers
 
+    @property
+    def effective_burst_prefetch(self) -> int:
+        return 3 * self.workers if self.burst_prefetch is None else self.burst_prefetch
+
     def pipeline_config(self) -> PipelineConfig:
         return PipelineConfig(
             scoring=self.scoring,
@@ -439,6 +455,7 @@ class Settings(BaseSettings):
             "database_url": redact(self.db_url),
             "workers": self.workers,
             "prefetch": self.effective_prefetch,
+            "burst_prefetch": self.effective_burst_prefetch,
             "queue_type": self.queue_type,
             "reply_format": self.reply_format,
             "job_time_limit": self.job_time_limit,

@@ -18,6 +18,8 @@ NAMES = (
     "deployflag_event_loop_lag_max_seconds",
     "deployflag_consumer_ready",
     "deployflag_database_ok",
+    "deployflag_prefetch_window",
+    "deployflag_burst_window_changes_total",
     "deployflag_info",
 )
 
