@@ -241,6 +241,15 @@ def metric(service: ServiceProcess, name: str, **labels: str) -> float | None:
     return read_metric(service.http_port, name, **labels)
 
 
+def consumers_of(service: ServiceProcess) -> int:
+    """The consumers one instance keeps on the training queue: its own, and the burst window's
+    while that is open."""
+    name = "deployflag_burst_window_changes_total"
+    opened = metric(service, name, change="opened") or 0.0
+    closed = metric(service, name, change="closed") or 0.0
+    return 1 + int(opened > closed)
+
+
 def in_flight(service: ServiceProcess) -> int:
     value = metric(service, "deployflag_in_flight")
     return -1 if value is None else int(value)

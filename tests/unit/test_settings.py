@@ -42,6 +42,8 @@ def test_defaults_follow_the_spec() -> None:
     assert s.failed_queue == "deployflag_failed"
     assert s.collect_queue == "deployflag_collect_data"
     assert s.effective_prefetch == s.workers
+    assert s.effective_burst_prefetch == 3 * s.workers
+    assert s.burst_short_seconds == 0.25
     assert s.drain_timeout == 60
     assert s.job_time_limit < 30 * 60, "below RabbitMQ's default consumer_timeout"
     assert s.max_attempts == 3
@@ -49,6 +51,22 @@ def test_defaults_follow_the_spec() -> None:
     assert (s.log_format, s.log_level) == ("json", "INFO")
     assert s.auto_migrate is False
     assert (s.w1, s.w2, s.w3, s.w4) == (0.3, 0.3, 0.2, 0.2)
+
+
+def test_the_burst_window_follows_the_workers_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEPLOYFLAG_WORKERS", "4")
+    assert load_settings().effective_burst_prefetch == 12
+    monkeypatch.setenv("DEPLOYFLAG_BURST_PREFETCH", "0")  # off
+    s = load_settings()
+    assert s.effective_burst_prefetch == 0
+    assert s.describe()["burst_prefetch"] == 0
+    monkeypatch.setenv("DEPLOYFLAG_BURST_PREFETCH", "-1")
+    with pytest.raises(ConfigError, match="DEPLOYFLAG_BURST_PREFETCH"):
+        load_settings()
+    monkeypatch.setenv("DEPLOYFLAG_BURST_PREFETCH", "5")
+    monkeypatch.setenv("DEPLOYFLAG_BURST_SHORT_SECONDS", "0")
+    with pytest.raises(ConfigError, match="DEPLOYFLAG_BURST_SHORT_SECONDS"):
+        load_settings()
 
 
 def test_new_names_win_over_the_originals(monkeypatch: pytest.MonkeyPatch) -> None:
