@@ -94,6 +94,24 @@ async def wait_open(service: ServiceProcess, upstream: Upstream) -> None:
     )
 
 
+async def streaming_with_the_window_open(
+    start_service: Callable[..., ServiceProcess],
+    service_env: dict[str, str],
+    upstream: Upstream,
+) -> tuple[ServiceProcess, list[str], list[str]]:
+    """A service whose burst window opened on 40 short requests (all answered), then 300 more
+    published and their replies flowing: (the service, the 40 ids, the 300 ids)."""
+    service = start_service(service_env, DEPLOYFLAG_WORKERS=str(WORKERS))
+    warm = await publish_many(upstream, "warm", 40)
+    await answered_once(upstream, warm)
+    await wait_open(service, upstream)
+    ids = await publish_many(upstream, "stream", 300)
+    await async_wait_until(
+        lambda: upstream.count("save_result"), timeout=60, what="replies to flow"
+    )
+    return service, warm, ids
+
+
 async def test_opens_for_short_requests_and_closes_for_a_large_body(
     start_service: Callable[..., ServiceProcess],
     service_env: dict[str, str],
@@ -147,15 +165,8 @@ async def test_a_drain_with_the_window_open_loses_nothing(
     service_env: dict[str, str],
     upstream: Upstream,
 ) -> None:
-    first = start_service(service_env, DEPLOYFLAG_WORKERS=str(WORKERS))
-    warm = await publish_many(upstream, "warm", 40)
-    await answered_once(upstream, warm)
-    await wait_open(first, upstream)
+    first, _, ids = await streaming_with_the_window_open(start_service, service_env, upstream)
     # SIGTERM while a backlog streams through both consumers.
-    ids = await publish_many(upstream, "backlog", 300)
-    await async_wait_until(
-        lambda: upstream.count("save_result"), timeout=60, what="replies to flow"
-    )
     first.signal(signal.SIGTERM)
     assert first.wait(timeout=90) == 0
     # What the first did not finish is back in the queue; a second instance answers it.
@@ -170,14 +181,7 @@ async def test_a_connection_cut_with_the_window_open_loses_nothing_and_it_still_
     upstream: Upstream,
     rabbit_url: str,
 ) -> None:
-    service = start_service(service_env, DEPLOYFLAG_WORKERS=str(WORKERS))
-    warm = await publish_many(upstream, "warm", 40)
-    await answered_once(upstream, warm)
-    await wait_open(service, upstream)
-    ids = await publish_many(upstream, "cut", 300)
-    await async_wait_until(
-        lambda: upstream.count("save_result"), timeout=60, what="replies to flow"
-    )
+    service, warm, ids = await streaming_with_the_window_open(start_service, service_env, upstream)
     # The broker closes the service's connection mid-stream: both consumers go, the robust
     # connection restores them, and every unacked delivery comes back to one of them.
     vhost = rabbit_url.rsplit("/", 1)[1]

@@ -10,13 +10,13 @@ and quorum queues have no channel-wide limit.
 
 So the extra window is a second consumer, on a channel of its own with its own prefetch
 (``DEPLOYFLAG_BURST_PREFETCH``) and a lower consumer priority than any base window, so it only
-takes what no instance's base window has room for. It is subscribed once a whole window's worth of requests in a
-row finished within ``DEPLOYFLAG_BURST_SHORT_SECONDS``, and cancelled as soon as one did not: a
-request still running past that time, or a body larger than a small request's. What it took
-before the decision is handled like any delivery (acks go on its channel). What reaches it
-after the decision, sent by the broker before the cancellation arrived, is handed straight back
-(nack with requeue, before anything is claimed or run), so another instance can start it: a
-closed window holds no more than the base prefetch beyond what was already accepted.
+takes what no instance's base window has room for. It is subscribed once a whole window's worth
+of requests in a row finished within ``DEPLOYFLAG_BURST_SHORT_SECONDS``, and cancelled as soon
+as one did not: a request still running past that time, or a body larger than a small request's.
+What it took before the decision is handled like any delivery (acks go on its channel). What
+reaches it after the decision, sent by the broker before the cancellation arrived, is handed
+straight back (nack with requeue, before anything is claimed or run), so another instance can
+start it: a closed window takes no more than the base prefetch beyond what it already accepted.
 """
 
 from __future__ import annotations
