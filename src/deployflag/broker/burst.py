@@ -130,10 +130,6 @@ class BurstConsumer:
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
 
-    @property
-    def subscribed(self) -> bool:
-        return self._tag is not None
-
     async def start(self) -> None:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=self._prefetch)
