@@ -12,8 +12,7 @@ of a worker); a small one trains no model (a few ms). Two patterns:
   group once every reply is in. While one instance trains, the other is free for the small
   ones, unless the busy one has taken them.
 
-Three windows are compared, each in its own pair of fresh
-instances:
+Three windows are compared, each in its own pair of fresh instances:
 
 - fixed prefetch = workers (1), no burst window: the narrowest window;
 - fixed prefetch 4 × workers (4), no burst window: what a deployment tuned for small requests
@@ -85,8 +84,8 @@ CONFIGS = (
 class Row:
     config: str
     makespan: list[float] = field(default_factory=list)
-    ref_p50: list[float] = field(default_factory=list)
-    ref_max: list[float] = field(default_factory=list)
+    long_p50: list[float] = field(default_factory=list)
+    long_max: list[float] = field(default_factory=list)
     small_p50: list[float] = field(default_factory=list)
     small_p95: list[float] = field(default_factory=list)
     small_max: list[float] = field(default_factory=list)
@@ -96,8 +95,8 @@ class Row:
 
     def last(self) -> str:
         return (
-            f"makespan {self.makespan[-1]:6.2f} s  long p50 {self.ref_p50[-1]:5.2f} s max "
-            f"{self.ref_max[-1]:5.2f} s  small p50 {self.small_p50[-1]:5.3f} s p95 "
+            f"makespan {self.makespan[-1]:6.2f} s  long p50 {self.long_p50[-1]:5.2f} s max "
+            f"{self.long_max[-1]:5.2f} s  small p50 {self.small_p50[-1]:5.3f} s p95 "
             f"{self.small_p95[-1]:5.3f} s max {self.small_max[-1]:5.3f} s  imbalance "
             f"{self.imbalance[-1]:.2f}  burst opened {self.opened[-1]:.0f}×, handed back "
             f"{self.handed_back[-1]:.0f}"
@@ -121,11 +120,12 @@ def burst_counts(port: int) -> tuple[float, float]:
 @dataclass(frozen=True)
 class Pattern:
     """How a batch is published: ``bursts`` times, ``size`` requests at once (waiting for all
-    their replies), each burst's requests one long then small ones."""
+    their replies), in blocks of ``block``: one long request, then small ones."""
 
     name: str
     bursts: int
     size: int
+    block: int
 
     @property
     def count(self) -> int:
@@ -134,8 +134,8 @@ class Pattern:
 
 def patterns(args: Args) -> tuple[Pattern, Pattern]:
     return (
-        Pattern("backlog", 1, args.blocks * (1 + SMALL_PER_BLOCK)),
-        Pattern("trickle", args.blocks, 1 + TRICKLE_SMALL),
+        Pattern("backlog", 1, args.blocks * (1 + SMALL_PER_BLOCK), 1 + SMALL_PER_BLOCK),
+        Pattern("trickle", args.blocks, 1 + TRICKLE_SMALL, 1 + TRICKLE_SMALL),
     )
 
 
@@ -154,8 +154,7 @@ async def measure(
     with running(procs[0][0]), running(procs[1][0]):
         async with Driver(url, names) as driver:
             for pattern in patterns(args):
-                block = pattern.size if pattern.bursts > 1 else 1 + SMALL_PER_BLOCK
-                order = itertools.cycle(["long"] + ["small"] * (block - 1))
+                order = itertools.cycle(["long"] + ["small"] * (pattern.block - 1))
 
                 def make(rid: str, order: Iterator[str] = order) -> aio_pika.Message:
                     kinds[rid] = kind = next(order)
@@ -192,8 +191,8 @@ async def batch(
     longs = [v for r, v in latency.items() if kinds[r] == "long"]
     smalls = [v for r, v in latency.items() if kinds[r] == "small"]
     row.makespan.append(run.seconds)
-    row.ref_p50.append(percentile(longs, 50))
-    row.ref_max.append(max(longs))
+    row.long_p50.append(percentile(longs, 50))
+    row.long_max.append(max(longs))
     row.small_p50.append(percentile(smalls, 50))
     row.small_p95.append(percentile(smalls, 95))
     row.small_max.append(max(smalls))
@@ -239,8 +238,8 @@ def report(
 
     for (pattern, config), r in rows.items():
         lines.append(
-            f"| {pattern} | {config} | {cell(r.makespan)} | {cell(r.ref_p50)} | "
-            f"{cell(r.ref_max)} | {cell(r.small_p50, 3)} | {cell(r.small_p95, 3)} | "
+            f"| {pattern} | {config} | {cell(r.makespan)} | {cell(r.long_p50)} | "
+            f"{cell(r.long_max)} | {cell(r.small_p50, 3)} | {cell(r.small_p95, 3)} | "
             f"{cell(r.small_max, 3)} | {cell(r.imbalance)} | {median(r.opened):.0f}× | "
             f"{median(r.handed_back):.0f} |"
         )

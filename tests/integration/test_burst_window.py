@@ -1,8 +1,9 @@
 """The burst window against the real RabbitMQ: a second consumer while requests are short.
 
 Each test watches the broker's own consumer count on the training queue and the service's
-``deployflag_prefetch_window``, and checks that every request is answered exactly once when the
-window opens, closes, is drained and is cut off by the broker.
+``deployflag_prefetch_window``, and checks that every request is answered (exactly once through
+opening, closing and a drain; at least once, and trained once, when the broker cuts the
+connection) .
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
 LARGE = orjson.dumps({**orjson.loads(WORKED), "padding": "p" * (INLINE_DECODE_BYTES + 1)})
 WORKERS = 2  # prefetch 2, burst window 6 by default
+OPEN = WORKERS + 3 * WORKERS  # the window while the burst consumer is subscribed
 
 
 def window(service: ServiceProcess) -> float | None:
@@ -87,7 +89,7 @@ def trained_once(service: ServiceProcess, ids: list[str]) -> None:
 
 async def wait_open(service: ServiceProcess, upstream: Upstream) -> None:
     await async_wait_until(
-        lambda: window(service) == 8, timeout=60, what="the burst window to open"
+        lambda: window(service) == OPEN, timeout=60, what="the burst window to open"
     )
     await async_wait_until(
         lambda: consumers_are(upstream, 2), timeout=30, what="the broker to list two consumers"
