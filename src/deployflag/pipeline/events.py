@@ -4,6 +4,10 @@ seed scoring's fix-rate events: one per drop or per daily segment (docs/scoring.
 Rows are grouped once (a stable sort by shortcode, then by time) and everything after that is
 vectorised; the only per-item Python work is ``round(x, 4)`` on the events' fix rates, because
 numpy's rounding is not Python's and the result must match ``round`` to the digit.
+
+Most requests are small, where the cost is numpy's per-call overhead rather than the data: so
+the helpers below build shifted and boundary arrays with plain slicing (``np.r_`` and
+``np.insert`` cost several times more per call).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -49,9 +54,38 @@ def stable_order(*keys: NDArray[np.generic]) -> NDArray[np.intp]:
 
 def group_starts(code: I64) -> NDArray[np.intp]:
     """First index of each run of equal values in a grouped array."""
-    if len(code) == 0:
-        return np.zeros(0, dtype=np.intp)
-    return np.flatnonzero(np.r_[True, code[1:] != code[:-1]])
+    return np.flatnonzero(run_starts(code))
+
+
+def run_starts(code: NDArray[np.generic]) -> Bool:
+    """Whether each item starts a run of equal values (the first always does)."""
+    first = np.empty(len(code), dtype=np.bool_)
+    first[:1] = True
+    np.not_equal(code[1:], code[:-1], out=first[1:])
+    return first
+
+
+def group_stops(starts: NDArray[np.intp], n: int) -> NDArray[np.intp]:
+    """One past the last index of each group, given the groups' ``starts`` in ``n`` items."""
+    stops = np.empty(len(starts), dtype=np.intp)
+    stops[:-1] = starts[1:]
+    stops[-1:] = n
+    return stops
+
+
+def shifted(values: NDArray[np.generic], fill: int | float | bool) -> NDArray[Any]:
+    """``values`` moved one place later, ``fill`` first: item i is values[i - 1]."""
+    out = np.empty(len(values), dtype=values.dtype)
+    out[:1] = fill
+    out[1:] = values[:-1]
+    return out
+
+
+def sources(n_historical: int, n_daily: int) -> Bool:
+    """The ``daily`` flags of historical events followed by daily ones."""
+    out = np.ones(n_historical + n_daily, dtype=np.bool_)
+    out[:n_historical] = False
+    return out
 
 
 def round4_ratios(numerator: I64, denominator: I64) -> F64:
@@ -131,7 +165,7 @@ def historical(code: I64, time: I64, freq: I64) -> tuple[I64, I64, I64, F64]:
     o = stable_order(code, time)
     c, t, f = code[o], time[o], freq[o]
     starts = group_starts(c)
-    ends = np.r_[starts[1:], len(c)] - 1
+    ends = group_stops(starts, len(c)) - 1
     flat = np.maximum.reduceat(f, starts) == np.minimum.reduceat(f, starts)
     # A drop is a pair (i, i+1) inside one shortcode with a falling frequency; a flat shortcode
     # has none, so its one event (at its last row) never collides with a drop event.
@@ -160,8 +194,7 @@ class Segments:
     @property
     def ends(self) -> NDArray[np.intp]:
         """Last row of each segment."""
-        ends: NDArray[np.intp] = np.r_[self.starts[1:], len(self.code)].astype(np.intp) - 1
-        return ends
+        return group_stops(self.starts, len(self.code)) - 1
 
 
 def segments(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> Segments:
@@ -193,11 +226,17 @@ def segments(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> Segment
     return Segments(code=c[s], time=t[s], freq=f[s], starts=group_starts(base_first[s]))
 
 
-def daily(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> tuple[I64, I64, I64, F64]:
+def daily_segments(cols: Columns) -> Segments:
+    """The segments of the request's branch runs (both scorings read them)."""
+    return segments(
+        cols.daily_code, cols.daily_time, cols.daily_freq, cols.daily_branch, cols.daily_base
+    )
+
+
+def daily(seg: Segments) -> tuple[I64, I64, I64, F64]:
     """Events of branch runs, one per segment: (code, time, frequency_detected, fix_rate)."""
-    if len(code) == 0:
+    if len(seg.code) == 0:
         return _empty()
-    seg = segments(code, time, freq, branch, base)
     starts, fs = seg.starts, seg.freq
     step = np.zeros(len(fs), dtype=np.int64)
     step[1:] = np.diff(fs)
@@ -212,15 +251,14 @@ def daily(code: I64, time: I64, freq: I64, branch: I64, base: I64) -> tuple[I64,
     return seg.code[starts], seg.time[seg.ends], detected, rate
 
 
-def build(cols: Columns) -> Events:
+def build(cols: Columns, seg: Segments | None = None) -> Events:
+    """``seg``: the request's :func:`daily_segments`, when already computed."""
     hc, ht, hf, hr = historical(cols.hist_code, cols.hist_time, cols.hist_freq)
-    dc, dt, df, dr = daily(
-        cols.daily_code, cols.daily_time, cols.daily_freq, cols.daily_branch, cols.daily_base
-    )
+    dc, dt, df, dr = daily(daily_segments(cols) if seg is None else seg)
     # Historical first, then daily, per shortcode: a stable sort by code of the concatenation.
     code = np.concatenate([hc, dc])
     o = np.argsort(code, kind="stable")
-    is_daily = np.r_[np.zeros(len(hc), dtype=np.bool_), np.ones(len(dc), dtype=np.bool_)]
+    is_daily = sources(len(hc), len(dc))
     return Events(
         code=code[o],
         time=np.concatenate([ht, dt])[o],

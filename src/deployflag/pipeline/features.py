@@ -9,7 +9,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from deployflag.messages import AnalysisRun, HistoricalRun, TrainingRequest
-from deployflag.pipeline.events import DAY_US, F64, I64, Bool, Columns, Events, group_starts
+from deployflag.pipeline.events import (
+    DAY_US,
+    F64,
+    I64,
+    Bool,
+    Columns,
+    Events,
+    group_starts,
+    group_stops,
+    shifted,
+)
 
 TYPE_CATEGORIES = (
     "antipattern",
@@ -125,8 +135,7 @@ class Features:
     def latest(self) -> tuple[I64, NDArray[np.intp]]:
         """(shortcode codes that have events, index of each one's latest row)."""
         starts = group_starts(self.code)
-        ends = np.r_[starts[1:], len(self.code)][: len(starts)] - 1
-        return self.code[starts], ends.astype(np.intp)
+        return self.code[starts], group_stops(starts, len(self.code)) - 1
 
     def matrix(self) -> F64:
         """The model's input: FEATURE_NAMES columns as float64; CATEGORICAL marks categories."""
@@ -164,7 +173,7 @@ def _quantile_bins(values: I64, starts: NDArray[np.intp]) -> I64:
     Shortcodes with the same number of events are stacked and done in one np.quantile call, so
     the work is one call per distinct group size, not per shortcode.
     """
-    sizes = np.diff(np.r_[starts, len(values)])
+    sizes = group_stops(starts, len(values)) - starts
     out = np.zeros(len(values), dtype=np.int64)
     for size in np.unique(sizes).tolist():
         idx = starts[sizes == size][:, None] + np.arange(size)
@@ -180,7 +189,7 @@ def build(events: Events, info: Shortcodes, long_gap_days: int) -> Features:
     n = len(code)
     idx = np.arange(n)
     starts = group_starts(code)
-    first = np.repeat(starts, np.diff(np.r_[starts, n]))  # each row's group start
+    first = np.repeat(starts, group_stops(starts, n) - starts)  # each row's group start
     rank = idx - first
 
     prev = np.maximum(idx - 1, 0)
@@ -191,7 +200,7 @@ def build(events: Events, info: Shortcodes, long_gap_days: int) -> Features:
 
     # Latest earlier row (of any shortcode) with a fix; it counts only inside the same shortcode.
     fixed_at = np.maximum.accumulate(np.where(rate > 0, idx, -1)) if n else idx
-    earlier = np.r_[-1, fixed_at[:-1]] if n else idx
+    earlier = shifted(fixed_at, -1)
     seen_fix = earlier >= first
     gap = (t - t[np.maximum(earlier, 0)]) // DAY_US
     last_fixed = np.where(seen_fix, np.where(gap >= long_gap_days, 2, 1), 0)

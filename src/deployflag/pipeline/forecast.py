@@ -40,9 +40,11 @@ def last_historical(cols: Columns, n_codes: int) -> I64:
     return out
 
 
-def seed_rates(cols: Columns, n_codes: int) -> tuple[list[float], list[float]]:
+def seed_rates(
+    cols: Columns, n_codes: int, seg: events.Segments | None = None
+) -> tuple[list[float], list[float]]:
     """The seed scoring's daily and historical weighted fix rates, reported for continuity."""
-    ev = events.build(cols)
+    ev = events.build(cols, seg)
     o = np.lexsort((np.arange(len(ev)), ev.time, ev.code))
     code, rate, daily = ev.code[o], ev.fix_rate[o], ev.daily[o]
     return (
@@ -65,7 +67,8 @@ def half_life_of(config: PipelineConfig, ev: pair_events.PairEvents, info: Short
 def compute(request: TrainingRequest, cols: Columns, info: Shortcodes,
             config: PipelineConfig) -> Computation:  # fmt: skip
     n = len(info.names)
-    ev = pair_events.build(cols)
+    seg = events.daily_segments(cols)  # the seed's rates, reported too, use the same ones
+    ev = pair_events.build(cols, seg)
     span = time_span(cols)
     recency = half_life_of(config, ev, info, span)
     weight = fix_rate.recency_weights(ev.time, span[1], recency.half_life)
@@ -84,15 +87,16 @@ def compute(request: TrainingRequest, cols: Columns, info: Shortcodes,
     return Computation(
         repo_id=request.repo_id,
         scoring="forecast",
-        scores=scores(cols, info, ev, e, forecast.probability, config),
+        scores=scores(cols, info, ev, e, forecast.probability, config, seg),
         model=report,
     )
 
 
 def scores(cols: Columns, info: Shortcodes, ev: pair_events.PairEvents, e: F64,
-           probability: F64, config: PipelineConfig) -> list[Score]:  # fmt: skip
+           probability: F64, config: PipelineConfig,
+           seg: events.Segments | None = None) -> list[Score]:  # fmt: skip
     n = len(info.names)
-    daily, hist = seed_rates(cols, n)
+    daily, hist = seed_rates(cols, n, seg)
     counts = np.bincount(ev.code, minlength=n).tolist()
     no_fix = not bool((ev.fix_rate > 0).any())
     w, wt = config.model_weight, config.weights

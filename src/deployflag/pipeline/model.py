@@ -61,6 +61,11 @@ def evaluation_order(features: Features) -> NDArray[np.intp]:
     return np.lexsort((features.event, features.code, features.time)).astype(np.intp)
 
 
+def one_class(y: I64) -> bool:
+    """Whether ``y`` holds fewer than two distinct labels (cheaper than ``np.unique``)."""
+    return len(y) == 0 or bool((y == y[0]).all())
+
+
 def split(n: int) -> int:
     """Size of the training part: ⌊0.8·n⌋."""
     return n * TRAIN_FRACTION[0] // TRAIN_FRACTION[1]
@@ -75,7 +80,7 @@ def cv_ready(y: I64, folds: int) -> bool:
 def skip_reason(y: I64, folds: int) -> str | None:
     if len(y) == 0:
         return NO_ROWS
-    if np.unique(y).size < 2:
+    if one_class(y):
         return ONE_CLASS
     if not cv_ready(y, folds):
         return TOO_FEW_ROWS
@@ -117,7 +122,7 @@ def evaluate(
     if not cv_ready(y_train, spec.cv_folds):
         return None, None, None
     params = choose(x[:cut], y_train, spec)
-    if np.unique(y_test).size < 2:
+    if one_class(y_test):
         return params, None, None
     model = make_estimator(spec, params).fit(x[:cut], y_train)
     p = model.predict_proba(x[cut:])[:, 1]
@@ -134,7 +139,7 @@ def prior_auc(features: Features) -> float | None:
     order = evaluation_order(features)
     code, y = features.code[order], features.label[order]
     cut = split(len(y))
-    if cut == 0 or np.unique(y[cut:]).size < 2:
+    if cut == 0 or one_class(y[cut:]):
         return None
     n = int(code.max()) + 1
     rows = np.bincount(code[:cut], minlength=n)

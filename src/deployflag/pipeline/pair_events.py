@@ -22,8 +22,12 @@ from deployflag.pipeline.events import (
     I64,
     Bool,
     Columns,
+    Segments,
+    daily_segments,
     round4_ratios,
-    segments,
+    run_starts,
+    shifted,
+    sources,
     stable_order,
 )
 
@@ -51,26 +55,25 @@ def _pairs(code: I64, time: I64, freq: I64, first: Bool) -> tuple[I64, I64, I64,
     and f(j-1) > 0; rows must already be grouped and time-ordered."""
     if len(code) == 0:
         return code, time, freq, np.zeros(0, dtype=np.float64)
-    j = np.flatnonzero(~first & (np.r_[0, freq[:-1]] > 0))
+    j = np.flatnonzero(~first & (shifted(freq, 0) > 0))
     before, after = freq[j - 1], freq[j]
     rate = round4_ratios(np.maximum(before - after, 0), before)
     return code[j], time[j], before, rate
 
 
-def build(cols: Columns) -> PairEvents:
+def build(cols: Columns, seg: Segments | None = None) -> PairEvents:
+    """``seg``: the request's daily segments (events.daily_segments), when already computed."""
     o = stable_order(cols.hist_code, cols.hist_time)
     hc, ht, hf = cols.hist_code[o], cols.hist_time[o], cols.hist_freq[o]
-    h_first = np.r_[True, hc[1:] != hc[:-1]][: len(hc)]
-    hist = _pairs(hc, ht, hf, h_first)
+    hist = _pairs(hc, ht, hf, run_starts(hc))
 
-    seg = segments(
-        cols.daily_code, cols.daily_time, cols.daily_freq, cols.daily_branch, cols.daily_base
-    )
+    if seg is None:
+        seg = daily_segments(cols)
     d_first = np.zeros(len(seg.code), dtype=np.bool_)
     d_first[seg.starts] = True
     day = _pairs(seg.code, seg.time, seg.freq, d_first)
 
-    is_daily = np.r_[np.zeros(len(hist[0]), np.bool_), np.ones(len(day[0]), np.bool_)]
+    is_daily = sources(len(hist[0]), len(day[0]))
     code, time, freq, rate = (np.concatenate([a, b]) for a, b in zip(hist, day, strict=True))
     # By shortcode, then time, historical before daily; full ties keep segment order.
     k = np.lexsort((np.arange(len(code)), is_daily, time, code))

@@ -7,7 +7,7 @@ import numpy as np
 
 from deployflag.messages import Score
 from deployflag.pipeline.config import Weights
-from deployflag.pipeline.events import F64, I64, Bool
+from deployflag.pipeline.events import F64, I64, Bool, shifted
 from deployflag.pipeline.features import Features, Shortcodes
 from deployflag.pipeline.model import Trained
 
@@ -21,7 +21,7 @@ def weighted_fix_rates(code: I64, fix_rate: F64, mask: Bool, n_codes: int) -> li
     c, r = code[mask], fix_rate[mask]
     counts = np.bincount(c, minlength=n_codes)
     # Weight of a row = its 1-based rank inside its shortcode.
-    first = np.r_[0, np.cumsum(counts)[:-1]]
+    first = shifted(np.cumsum(counts), 0)
     weight = np.arange(1, len(c) + 1) - first[c]
     sums = np.bincount(c, weights=weight * r, minlength=n_codes)
     return [
