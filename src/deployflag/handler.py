@@ -3,13 +3,13 @@
     size check → envelope → claim → pipeline (pool) → record → reply (confirmed) → ack
 
 A small first delivery (up to ``INLINE_DECODE_BYTES``, never delivered before, no other copy
-here) starts its pipeline job while its claim commits: the claim still counts the attempt and
-finds a finished request before anything is recorded or published, and the job is cheap enough
-to throw away when it does. When the job is back before the queued claim has started (SQLite's
-writer thread had other work first), the claim is withdrawn and one transaction claims and
-records (``Store.claim_and_record``): one write instead of two, the attempt still counted.
-Larger or redelivered requests claim first, so a request that crashes its worker is not run
-again once it is out of attempts.
+here) runs its pipeline job before any write, then claims and records in one transaction
+(``Store.claim_and_record``): one write instead of two, and nothing on the database between
+the delivery and its job. The claim still counts the attempt and finds a finished request
+before anything is recorded or published; the job is cheap enough to throw away when it does.
+A job that fails (its worker died, the time limit) is claimed afterwards, so the failure
+counts. Larger or redelivered requests claim first, so a request that crashes the service
+itself is not run again once it is out of attempts.
 
 The acknowledgement policy: every exception the flow can meet ends in ``__call__`` with one
 settlement (docs/handler.md has the same table, with every park reason):
@@ -79,7 +79,7 @@ from deployflag.observer import Outcome, Trace
 from deployflag.pool import JobTimeLimit, WorkerCrashed, WorkerPool, abandon, discard
 from deployflag.retry import Backoff, retry
 from deployflag.settings import Settings
-from deployflag.store import Claim, QueuedClaim, Store
+from deployflag.store import Claim, Store
 
 T = TypeVar("T")
 MAX_ATTEMPTS_ERROR = "delivered more often than DEPLOYFLAG_MAX_ATTEMPTS"
@@ -238,23 +238,16 @@ class MessageHandler:
     async def _answer(self, d: Delivery, envelope: Envelope, *, speculate: bool) -> Answer:
         """The request's recorded result: trained here, or found stored.
 
-        ``speculate``: start the pipeline job now and claim meanwhile (see the module's notes).
+        ``speculate``: run the pipeline job first, claim with the record (the module's notes).
         """
         early = asyncio.ensure_future(self._run_job(d)) if speculate else None
         try:
-            queued = None
             if early is not None:
-                queued = self._store.queue_claim(
-                    envelope.request_id, envelope.repo_id, envelope.body_digest
-                )
-                folded = await self._fold(d, envelope, early, queued)
+                folded = await self._fold(d, envelope, early)
                 if folded is not None:
                     early = None
                     return folded
-            if queued is not None:
-                claim = await d.trace.timed("claim", self._queued_claim(d, envelope, queued))
-            else:
-                claim = await d.trace.timed("claim", self._claim(d, envelope))
+            claim = await d.trace.timed("claim", self._claim(d, envelope))
             if claim.status == "conflict":
                 raise poison.id_conflict(envelope, claim.known_repo_id)
             if claim.status == "done" or claim.attempts > self._s.max_attempts:
@@ -279,23 +272,13 @@ class MessageHandler:
         return answer if fresh else _stored(stored_json)  # not fresh: a concurrent copy won
 
     async def _fold(
-        self,
-        d: Delivery,
-        envelope: Envelope,
-        early: asyncio.Future[worker.Computed],
-        queued: QueuedClaim | None,
+        self, d: Delivery, envelope: Envelope, early: asyncio.Future[worker.Computed]
     ) -> Answer | None:
-        """One write instead of two: when the speculative job is back before its queued claim
-        has started, withdraw the claim and claim and record in one transaction (the attempt
-        still counted). Without a queue (PostgreSQL) the small job is awaited first, and the
-        claim goes with the record: one round trip of BEGIN, statements and COMMIT fewer.
-        None: the claim ran first, or the job failed; go on as usual (claim, then compute)."""
+        """The small job's answer, claimed and recorded in one transaction (the attempt still
+        counted). None: the job failed; go on as usual (claim, then see the failure)."""
         started = time.perf_counter()
-        waited = (early,) if queued is None else (early, queued.future)
-        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
-        if not early.done() or early.cancelled() or early.exception() is not None:
-            return None
-        if queued is not None and not queued.withdraw():
+        await asyncio.wait((early,))  # its failure is not raised here
+        if early.cancelled() or early.exception() is not None:
             return None
         d.trace.stages["pipeline"] = time.perf_counter() - started
         answer = Answer(self._result(envelope, early.result()), Outcome.OK)
@@ -318,17 +301,6 @@ class MessageHandler:
         if claim.attempts > self._s.max_attempts:  # counted, and nothing recorded
             raise self._gave_up("max_attempts", MAX_ATTEMPTS_ERROR)
         return answer if folded.recorded else _stored(folded.stored)
-
-    async def _queued_claim(self, d: Delivery, envelope: Envelope, queued: QueuedClaim) -> Claim:
-        """The queued claim's outcome; database trouble: claimed again, retried as usual."""
-        try:
-            claim = await queued.result()
-        except TransientError as exc:
-            mark_database(self._health, self._metrics, ok=False, error=str(exc))
-            d.trace.retried("claim")
-            return await self._claim(d, envelope)
-        mark_database(self._health, self._metrics, ok=True)
-        return claim
 
     async def _compute(
         self, d: Delivery, attempts: int, started: asyncio.Future[worker.Computed] | None

@@ -189,20 +189,6 @@ async def test_a_lost_transaction_fails_the_whole_batch(store: Store) -> None:
     assert await store.claim("after", 1) == Claim(status="pending", attempts=1)
 
 
-async def test_a_withdrawn_transaction_never_runs(store: Store) -> None:
-    writer = writer_of(store)
-    async with Held(store):
-        pending = writer.submit(failing_claim("withdrawn"))
-        await queued(store, 1)
-        assert pending.withdraw()
-        kept = asyncio.ensure_future(store.claim("kept", 1))
-        await queued(store, 2)
-    assert await kept == Claim(status="pending", attempts=1)
-    assert pending.future.cancelled()
-    assert not pending.withdraw()
-    assert await store.get_request("withdrawn") is None
-
-
 async def test_claim_and_record_counts_the_attempt_and_records_in_one_write(store: Store) -> None:
     writer = writer_of(store)
     before = writer.transactions

@@ -75,18 +75,7 @@ class FakeStore:
         self.claim_script: Script = deque()
         self.record_script: Script = deque()
         self.failure_script: Script = deque()
-        # queue_claim: None (claim, then record) unless ``queued``; ``claim_starts_first``: the
-        # queued claim is already running when the job comes back, so it cannot be withdrawn.
-        self.queued = False
-        self.claim_starts_first = False
         self.folds: list[str] = []  # claim_and_record calls
-
-    def queue_claim(
-        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
-    ) -> FakeQueuedClaim | None:
-        if not self.queued:
-            return None
-        return FakeQueuedClaim(self, (request_id, repo_id, body_digest), self.claim_starts_first)
 
     async def claim_and_record(
         self, result: TrainingResult, config: Any, body_digest: str | None, max_attempts: int
@@ -125,35 +114,6 @@ class FakeStore:
     ) -> None:
         await _play(self.failure_script)
         self.failures.append((request_id, reason))
-
-
-class FakeQueuedClaim:
-    """A claim waiting in the writer's queue: it runs when awaited unless withdrawn first, or
-    at once when it ``started`` before the job came back."""
-
-    def __init__(self, store: FakeStore, args: tuple[Any, ...], started: bool) -> None:
-        self._store, self._args = store, args
-        self._withdrawn = False
-        self.future: asyncio.Future[Claim]
-        if started:
-            self.future = asyncio.ensure_future(store.claim(*args))
-        else:
-            self.future = asyncio.get_running_loop().create_future()
-        self._started = started
-
-    def withdraw(self) -> bool:
-        if self._started:
-            return False
-        self._withdrawn = True
-        self.future.cancel()
-        return True
-
-    async def result(self) -> Claim:
-        assert not self._withdrawn, "a withdrawn claim is never awaited"
-        if not self._started:
-            self._started = True
-            self.future.set_result(await self._store.claim(*self._args))
-        return await self.future
 
 
 class FakePool:

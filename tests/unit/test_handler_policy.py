@@ -132,34 +132,21 @@ async def test_a_speculative_job_is_discarded_when_the_claim_says_done() -> None
 # --- park --------------------------------------------------------------------------------------
 
 
-async def test_a_first_delivery_back_before_its_claim_started_is_claimed_and_recorded_at_once() -> (
-    None
-):
+async def test_a_small_first_delivery_is_claimed_and_recorded_in_one_write_after_its_job() -> None:
     r = rig()
-    r.store.queued = True
     message = await r.deliver(request("r1"))
     assert message.settled == ["ack"]
-    assert r.store.folds == ["r1"], "one write: the queued claim was withdrawn"
+    assert r.pool.calls == ["process"]
+    assert r.store.folds == ["r1"], "one write"
     assert r.store.claims == ["r1"], "the attempt is still counted"
     assert r.store.attempts["r1"] == 1
     assert r.store.records == ["r1"]
     assert r.count("ok") == 1
 
 
-async def test_a_claim_that_started_before_the_job_came_back_is_awaited_then_recorded() -> None:
-    r = rig()
-    r.store.queued = True
-    r.store.claim_starts_first = True
-    message = await r.deliver(request("r1"))
-    assert message.settled == ["ack"]
-    assert r.store.folds == []
-    assert (r.store.claims, r.store.records) == (["r1"], ["r1"])
-
-
 async def test_a_folded_claim_that_finds_the_request_done_answers_with_the_stored_result() -> None:
     r = rig()
     await r.deliver(request("r1"))
-    r.store.queued = True
     again = await r.deliver(request("r1"))  # published twice, not redelivered: speculates
     assert again.settled == ["ack"]
     assert r.store.folds == ["r1", "r1"]
@@ -170,7 +157,6 @@ async def test_a_folded_claim_that_finds_the_request_done_answers_with_the_store
 
 async def test_a_folded_claim_out_of_attempts_parks_max_attempts_without_a_result() -> None:
     r = rig()
-    r.store.queued = True
     r.store.attempts["r1"] = 3  # earlier copies, elsewhere, used every attempt
     message = await r.deliver(request("r1"))
     assert message.settled == ["ack"]
@@ -182,21 +168,19 @@ async def test_a_folded_claim_out_of_attempts_parks_max_attempts_without_a_resul
 
 async def test_a_redelivered_copy_claims_first_and_never_folds() -> None:
     r = rig()
-    r.store.queued = True
     message = await r.deliver(request("r1", redelivered=True))
     assert message.settled == ["ack"]
     assert r.store.folds == []
     assert (r.store.claims, r.store.records) == (["r1"], ["r1"])
 
 
-async def test_a_speculative_job_that_crashes_waits_for_its_queued_claim_and_counts_it() -> None:
+async def test_a_speculative_job_that_crashes_is_claimed_afterwards_and_counted() -> None:
     r = rig()
-    r.store.queued = True
     r.pool.script.append(WorkerCrashed("killed"))
     message = await r.deliver(request("r1"))
     assert message.settled == ["ack"]
     assert r.store.folds == []
-    assert r.store.attempts["r1"] == 2, "the queued claim and the retry's claim"
+    assert r.store.attempts["r1"] == 2, "the claim after the crash and the retry's claim"
     assert r.store.records == ["r1"]
 
 

@@ -4,6 +4,6 @@ Importing it connects to nothing; :meth:`Store.open` does. Migration commands li
 ``deployflag.store.migrate``.
 """
 
-from deployflag.store.repository import Claim, Folded, QueuedClaim, Store
+from deployflag.store.repository import Claim, Folded, Store
 
-__all__ = ["Claim", "Folded", "QueuedClaim", "Store"]
+__all__ = ["Claim", "Folded", "Store"]

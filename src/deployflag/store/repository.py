@@ -45,7 +45,7 @@ from deployflag.store.tables import (
     TrainingRequest,
     utcnow,
 )
-from deployflag.store.writer import GroupWriter, Pending
+from deployflag.store.writer import GroupWriter
 
 MAX_ERROR_LENGTH = 10_000
 _log = logs.get_logger("deployflag.store")
@@ -81,22 +81,6 @@ class Folded:
     claim: Claim
     recorded: bool = False
     stored: dict[str, Any] | None = None
-
-
-class QueuedClaim:
-    """A claim handed to the SQLite writer: withdraw it before it starts, or await it."""
-
-    def __init__(self, pending: Pending[Claim], target: Target) -> None:
-        self._pending = pending
-        self._target = target
-        self.future: asyncio.Future[Claim] = pending.future
-
-    def withdraw(self) -> bool:
-        return self._pending.withdraw()
-
-    async def result(self) -> Claim:
-        async with guard(self._target):
-            return await self._pending.future
 
 
 @cache
@@ -382,16 +366,6 @@ class Store:
         body digest differs from ``body_digest`` (both known) is left alone: ``conflict``.
         """
         return await self._write(self._claim_body(request_id, repo_id, body_digest))
-
-    def queue_claim(
-        self, request_id: str, repo_id: str | int | None, body_digest: str | None = None
-    ) -> QueuedClaim | None:
-        """:meth:`claim`, handed to the SQLite writer now and withdrawable until it starts
-        (None where there is no writer thread: PostgreSQL, in-memory SQLite)."""
-        if self._writer is None:
-            return None
-        pending = self._writer.submit(self._claim_body(request_id, repo_id, body_digest))
-        return QueuedClaim(pending, self._target)
 
     async def claim_and_record(
         self,

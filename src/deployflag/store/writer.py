@@ -11,9 +11,6 @@ gets to work shares one ``BEGIN IMMEDIATE … COMMIT``, each inside a ``SAVEPOIN
 - when the ``BEGIN`` or the ``COMMIT`` fails (the database is locked past the busy timeout, the
   disk is full, the file went away), nothing of the batch is committed and every transaction
   that had not already failed on its own gets that error.
-
-A transaction that has been submitted but not started can be withdrawn (:meth:`Pending.withdraw`):
-the handler replaces a queued claim by one write that claims and records at once.
 """
 
 from __future__ import annotations
@@ -34,8 +31,6 @@ from deployflag.store.prepared import execute
 T = TypeVar("T")
 MAX_BATCH = 64  # transactions per commit: bounds how long the write lock is held at once
 
-_QUEUED, _RUNNING, _WITHDRAWN = "queued", "running", "withdrawn"
-
 
 class WriterClosed(RuntimeError):
     """The store was closed; no transaction is taken any more."""
@@ -55,33 +50,12 @@ def _in_transaction(conn: Connection) -> bool:
 
 
 class Pending(Generic[T]):
-    """One submitted transaction: its future, and whether it has started."""
+    """One submitted transaction and the future its caller awaits."""
 
     def __init__(self, body: Callable[[Connection], T], loop: asyncio.AbstractEventLoop) -> None:
         self.body = body
         self.future: asyncio.Future[T] = loop.create_future()
         self._loop = loop
-        self._state = _QUEUED
-        self._lock = threading.Lock()
-
-    def withdraw(self) -> bool:
-        """Take the transaction back if the writer has not started it (True), else False: it
-        runs, and its future tells how it went."""
-        with self._lock:
-            if self._state != _QUEUED:
-                return False
-            self._state = _WITHDRAWN
-        if not self.future.done():
-            self.future.cancel()
-        return True
-
-    def start(self) -> bool:
-        """Called by the writer: False when the transaction was withdrawn."""
-        with self._lock:
-            if self._state != _QUEUED:
-                return False
-            self._state = _RUNNING
-            return True
 
     def settle(self, value: Any = None, error: BaseException | None = None) -> None:
         # RuntimeError: the caller's loop is closed, nobody is waiting any more.
@@ -167,10 +141,7 @@ class GroupWriter:
                 conn.invalidate()
                 conn.close()
 
-    def _commit(self, batch: list[Pending[Any]]) -> None:
-        started = [p for p in batch if p.start()]
-        if not started:
-            return
+    def _commit(self, started: list[Pending[Any]]) -> None:
         done: list[tuple[Pending[Any], Any]] = []
         failed: set[int] = set()  # ids of those that failed on their own (and were told)
         try:
