@@ -280,7 +280,7 @@ class MessageHandler:
         await asyncio.wait((early,))  # its failure is not raised here
         if early.cancelled() or early.exception() is not None:
             return None
-        d.trace.stages["pipeline"] = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
         answer = Answer(self._result(envelope, early.result()), Outcome.OK)
         self._encode(d, envelope, answer.result)  # a reply too large is parked before "done"
         folded = await d.trace.timed(
@@ -296,8 +296,9 @@ class MessageHandler:
         claim = folded.claim
         if claim.status == "conflict":
             raise poison.id_conflict(envelope, claim.known_repo_id)
-        if claim.status == "done":
+        if claim.status == "done":  # the job is thrown away, and not timed as a pipeline run
             return _stored(claim.result)
+        d.trace.stages["pipeline"] = elapsed
         if claim.attempts > self._s.max_attempts:  # counted, and nothing recorded
             raise self._gave_up("max_attempts", MAX_ATTEMPTS_ERROR)
         return answer if folded.recorded else _stored(folded.stored)

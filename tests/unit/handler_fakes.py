@@ -204,6 +204,13 @@ class Rig:
         )
         return value or 0.0
 
+    def timed(self, stage: str) -> float:
+        """How many deliveries observed ``stage`` in ``deployflag_stage_seconds``."""
+        value = self.metrics.registry.get_sample_value(
+            "deployflag_stage_seconds_count", {"stage": stage}
+        )
+        return value or 0.0
+
 
 def rig(**overrides: Any) -> Rig:
     base: dict[str, Any] = {

@@ -57,6 +57,7 @@ async def test_a_request_the_claim_finds_done_gets_the_stored_result_and_is_not_
     assert "process" not in r.pool.calls[1:], "a redelivered copy claims first: nothing trained"
     assert r.publisher.replies[1].body == r.publisher.replies[0].body
     assert r.count("duplicate") == 1
+    assert r.timed("pipeline") == 1, "the duplicate's thrown-away job is not timed as a run"
 
 
 async def test_a_record_that_finds_a_concurrent_winner_publishes_the_winners_result() -> None:
@@ -142,6 +143,7 @@ async def test_a_small_first_delivery_is_claimed_and_recorded_in_one_write_after
     assert r.store.attempts["r1"] == 1
     assert r.store.records == ["r1"]
     assert r.count("ok") == 1
+    assert (r.timed("pipeline"), r.timed("record"), r.timed("claim")) == (1, 1, 0)
 
 
 async def test_a_folded_claim_that_finds_the_request_done_answers_with_the_stored_result() -> None:
@@ -153,6 +155,7 @@ async def test_a_folded_claim_that_finds_the_request_done_answers_with_the_store
     assert r.store.records == ["r1"], "recorded once"
     assert r.publisher.replies[1].body == r.publisher.replies[0].body
     assert r.count("duplicate") == 1
+    assert r.timed("pipeline") == 1, "the duplicate's thrown-away job is not timed as a run"
 
 
 async def test_a_folded_claim_out_of_attempts_parks_max_attempts_without_a_result() -> None:
