@@ -1,6 +1,7 @@
-"""The SQLite writer runs the per-request statements on the driver connection (store/prepared.py):
-the rows must come out byte for byte as SQLAlchemy's own execution writes them, and driver errors
-must reach the store's error mapping as SQLAlchemy's would."""
+"""The per-request statements are compiled once (store/prepared.py): the SQLite writer runs them on
+the driver connection, PostgreSQL through ``exec_driver_sql``. Either way the rows must come out
+exactly as SQLAlchemy's own execution writes them, and driver errors must reach the store's error
+mapping as SQLAlchemy's would."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from deployflag.settings import load_settings
 from deployflag.store import Store, repository
 from deployflag.store.prepared import Prepared
 from deployflag.store.tables import TrainingRequest
+from tests.support.postgres import PostgresCluster
 from tests.support.store import make_result
 
 CONFIG = PipelineConfig(scoring="seed")
@@ -46,13 +48,15 @@ async def requests_written(store: Store) -> dict[str, list[tuple[Any, ...]]]:
 class ThroughSqlalchemy:
     """Stands in for Prepared: the same statement, run by ``Connection.execute``."""
 
-    def __init__(self, statement: Any) -> None:
+    def __init__(self, statement: Any, dialect: Any = None) -> None:
         self._statement = statement
 
     def first(self, conn: Any, values: dict[str, Any]) -> tuple[Any, ...] | None:
         result = conn.execute(self._statement, values)
         row = result.first() if result.returns_rows else None
         return None if row is None else tuple(row)
+
+    first_via_sqlalchemy = first
 
 
 async def test_the_writer_stores_what_sqlalchemy_stores(
@@ -73,6 +77,31 @@ async def test_the_writer_stores_what_sqlalchemy_stores(
     assert prepared == through_sqlalchemy
     assert len(prepared["training_request"]) == 3
     assert len(prepared["model_performance_metadata"]) == 2
+
+
+@pytest.mark.postgres
+async def test_postgresql_stores_what_sqlalchemy_stores(
+    postgres: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(repository, "utcnow", lambda: FROZEN)
+    written = []
+    for name in ("prepared", "sqlalchemy"):
+        if name == "sqlalchemy":
+            monkeypatch.setattr(repository, "Prepared", ThroughSqlalchemy)
+        url = postgres.fresh_database(f"prepared_{name}")
+        store = await Store.open(
+            load_settings(database_url=url, data_dir=tmp_path / name, auto_migrate=True)
+        )
+        try:
+            written.append(await requests_written(store))
+        finally:
+            await store.close()
+    prepared, through_sqlalchemy = written
+    assert prepared == through_sqlalchemy
+    assert len(prepared["training_request"]) == 3
+    assert len(prepared["model_performance_metadata"]) == 2
+    assert prepared["training_request"][0][1:3] == ("7", "pending")  # repo id and status
+    assert [row[2] for row in prepared["training_request"]] == ["pending", "done", "done"]
 
 
 def test_prepared_parameters_go_through_the_column_types() -> None:

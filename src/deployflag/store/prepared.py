@@ -8,6 +8,11 @@ compiled (its SQL and its bound-parameter names) and each parameter's bind proce
 reach the file exactly as SQLAlchemy would store them (the same timestamp text, the same JSON),
 and runs it on the ``sqlite3`` connection inside the writer's transaction. Driver errors are
 wrapped as SQLAlchemy wraps them, so the store's error mapping sees no difference.
+
+On PostgreSQL the same compiled form runs through ``Connection.exec_driver_sql``: SQLAlchemy
+2.0 compiles a dialect upsert on every execution (it has no cache key), and that compilation was
+the largest share of the main process's CPU per request there. The statement still goes through
+SQLAlchemy's connection, so its error wrapping and its handling of a lost connection are its own.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, cast
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import ClauseElement
 
@@ -26,16 +31,20 @@ _DIALECT = SQLiteDialect_pysqlite(paramstyle="named")
 
 
 class Prepared:
-    """One statement for ``sqlite3``: SQL compiled once, values converted by their column types."""
+    """One statement, SQL compiled once for ``dialect``, values converted by their column
+    types. The default dialect is the SQLite writer's ``sqlite3`` with named parameters."""
 
-    def __init__(self, statement: ClauseElement) -> None:
-        compiled = cast(SQLCompiler, statement.compile(dialect=_DIALECT))
+    def __init__(self, statement: ClauseElement, dialect: Dialect = _DIALECT) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
         self.sql = compiled.string
+        # Positional dialects (asyncpg's $1, $2 …) take the values in this order; a name bound
+        # twice appears twice.
+        self._order = compiled.positiontup if dialect.positional else None
         # Constants of the statement (a status, attempts = 1) travel as bound parameters too.
         self._defaults: dict[str, Any] = dict(compiled.params)
         self._convert: dict[str, Callable[[Any], Any]] = {}
         for bind, name in compiled.bind_names.items():
-            processor = bind.type.dialect_impl(_DIALECT).bind_processor(_DIALECT)
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             if processor is not None:
                 self._convert[name] = processor
 
@@ -46,8 +55,20 @@ class Prepared:
         return params
 
     def first(self, conn: Connection, values: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        """Run with ``values`` in ``conn``'s transaction; the first row it returns, if any."""
+        """Run with ``values`` on the ``sqlite3`` connection under ``conn``, in its transaction;
+        the first row it returns, if any."""
         return execute(conn, self.sql, self.parameters(values))
+
+    def first_via_sqlalchemy(
+        self, conn: Connection, values: Mapping[str, Any]
+    ) -> tuple[Any, ...] | None:
+        """Run with ``values`` through ``conn`` itself (any driver), in its transaction; the
+        first row it returns, if any."""
+        params = self.parameters(values)
+        bound = tuple(params[name] for name in self._order) if self._order else params
+        result = conn.exec_driver_sql(self.sql, bound)
+        row = result.first() if result.returns_rows else None
+        return None if row is None else tuple(row)
 
 
 def execute(

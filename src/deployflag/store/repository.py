@@ -203,11 +203,8 @@ class Store:
     # SQLAlchemy 2.0 compiles dialect upserts on every execution anyway (they have no cache key).
 
     def _reusable(self, statement: Any) -> Any:
-        """The statement as ``text()``, which SQLAlchemy compiles once and then takes from its
-        cache; bound values keep their column types, constants become defaults. (SQLite only:
-        asyncpg's dialect does not render named parameters that ``text()`` can read.)"""
-        if self._engine.dialect.name != "sqlite":
-            return statement
+        """The SQLite statement as ``text()``, which SQLAlchemy compiles once and then takes from
+        its cache; bound values keep their column types, constants become defaults."""
         dialect = SQLiteDialect(paramstyle="named")
         compiled = statement.compile(dialect=dialect)
         params = compiled.params
@@ -218,10 +215,13 @@ class Store:
         return text(compiled.string).bindparams(*binds.values())
 
     def _statement(self, statement: Any) -> Statement:
-        """``statement`` for the connections this store writes with: SQLite files through the
-        writer thread's driver connection (store/prepared.py), others through SQLAlchemy."""
+        """``statement`` for the connections this store writes with, compiled once
+        (store/prepared.py): SQLite files through the writer thread's driver connection,
+        PostgreSQL through SQLAlchemy's, in-memory SQLite as SQLAlchemy's cached ``text()``."""
         if self._writer is not None:
             return Prepared(statement).first
+        if self._engine.dialect.name == "postgresql":
+            return Prepared(statement, self._engine.dialect).first_via_sqlalchemy
         reusable = self._reusable(statement)
 
         def run(conn: Connection, values: dict[str, Any]) -> tuple[Any, ...] | None:
