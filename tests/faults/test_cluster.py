@@ -7,6 +7,10 @@ the remaining two elect new leaders, the service reconnects to the next node in 
 serves from there while the killed node is still down; then the node is restarted and rejoins.
 Every request is answered or parked, none lost, none trained twice.
 
+RabbitMQ 3.10 sometimes keeps a few deliveries checked out to the killed node's consumer after the
+election and never redelivers them (see :func:`settle_or_release_orphans`): the test proves that
+broker state before it applies the operator's remedy, and the fault table says so.
+
 The upstream's side (the tally) is connected to a node that is not killed.
 """
 
@@ -27,9 +31,9 @@ from tests.faults.conftest import FaultTable
 from tests.faults.harness import QUEUE_KINDS, Tally, consumers_of, queue_counts
 from tests.support.broker import Names, ServiceProcess
 from tests.support.cluster import ClusterError, ClusterNode, RabbitCluster
-from tests.support.toolkit import async_wait_until
+from tests.support.toolkit import TimedOut, async_wait_until
 
-pytestmark = [pytest.mark.faults, pytest.mark.timeout(240), pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(420), pytest.mark.rabbitmq]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKED = (ROOT / "examples" / "worked-example.json").read_bytes()
@@ -106,6 +110,32 @@ def all_running(cluster: RabbitCluster, ask: ClusterNode) -> bool:
     return sorted(running) == sorted(node.name for node in cluster.nodes)
 
 
+async def settle_or_release_orphans(
+    tally: Tally, cluster: RabbitCluster, vhost: str, queue: str, ask: ClusterNode
+) -> str:
+    """Wait for every request answered or parked. RabbitMQ 3.10 sometimes keeps a few deliveries
+    checked out to the dead node's consumer after the election (the queue counts them unacked, no
+    channel holds them, and it never redelivers them by itself): only when the broker shows
+    exactly that, move the queue's leader — the operator's remedy, after which the new leader
+    returns them — and wait again. The remedy is named in the fault table's row, never silent."""
+    try:
+        await tally.settle(timeout=120)
+        return ""
+    except TimedOut:
+        checkouts = await asyncio.to_thread(cluster.checkouts, vhost, queue, ask)
+        if not checkouts.orphaned:
+            unanswered = len(tally.unanswered())
+            raise TimedOut(f"{unanswered} unanswered; the broker: {checkouts}") from None
+    current = await asyncio.to_thread(cluster.leader, vhost, queue, ask)
+    target = next(node for node in cluster.nodes if node is not current)
+    await asyncio.to_thread(cluster.transfer_leadership, vhost, queue, target)
+    await tally.settle(timeout=120, what="every request answered once the leader moved")
+    return (
+        f"; RabbitMQ kept {checkouts.queue_unacked} deliveries checked out to no channel until "
+        "the queue's leader was moved"
+    )
+
+
 async def test_the_quorum_leaders_node_killed_and_restarted_with_300_in_flight(
     start_service: Callable[..., ServiceProcess],
     service_env: dict[str, str],
@@ -149,11 +179,19 @@ async def test_the_quorum_leaders_node_killed_and_restarted_with_300_in_flight(
             every=0.5,
         )
         # Served from another node while the killed one is still down.
-        await async_wait_until(
-            lambda: len(tally.replies) >= answered_at_kill + 50,
-            90,
-            "50 more replies while the node is down",
-        )
+        try:
+            await async_wait_until(
+                lambda: len(tally.replies) >= answered_at_kill + 50,
+                90,
+                "50 more replies while the node is down",
+            )
+        except TimedOut as exc:  # say what the broker and the service saw
+            checkouts = await asyncio.to_thread(cluster.checkouts, vhost, training, others[-1])
+            ports = await asyncio.to_thread(connected_ports, cluster, others[-1], vhost)
+            raise TimedOut(
+                f"{exc}: {len(tally.replies) - answered_at_kill} came; the broker: {checkouts}; "
+                f"client connections on ports {ports}; service ready: {service.is_ready()}"
+            ) from None
         failover_seconds = time.monotonic() - killed_at
         ports = await asyncio.to_thread(connected_ports, cluster, others[-1], vhost)
         ports.remove(others[-1].port)  # the tally's
@@ -168,13 +206,13 @@ async def test_the_quorum_leaders_node_killed_and_restarted_with_300_in_flight(
             "the restarted node back in the cluster",
             every=0.5,
         )
-        await tally.settle(timeout=120)
+        remedy = await settle_or_release_orphans(tally, cluster, vhost, training, others[0])
         ready, consumers = await queue_counts(others[0].url(vhost), training)
         await fault_table.record(
             tally,
             f"cluster of 3, quorum queues: the leader's node SIGKILLed with {REQUESTS} in flight, "
             f"restarted (the service moved to node {moved_to.index}; 50 more answered "
-            f"{failover_seconds:.0f} s after the kill)",
+            f"{failover_seconds:.0f} s after the kill{remedy})",
             [service],
             sent=REQUESTS,
             replies=REQUESTS,

@@ -60,6 +60,27 @@ class ClusterNode:
         return f"amqp://guest:guest@{HOST}:{self.port}/{vhost}"
 
 
+@dataclass(frozen=True)
+class Checkouts:
+    """A queue's deliveries out to consumers: as the queue counts them, and as channels do."""
+
+    queue_unacked: int
+    queue_consumers: int
+    channels_unacked: int  # summed over the vhost's channels on every node
+    listed_consumers: int  # the consumers a channel owns
+
+    @property
+    def orphaned(self) -> bool:
+        """RabbitMQ 3.10's quorum-queue fault after its leader's node dies (rabbitmq-server
+        #15473): the queue counts deliveries out, and a consumer, that no channel owns; it
+        never redelivers them by itself."""
+        return (
+            self.queue_unacked > 0
+            and self.channels_unacked == 0
+            and self.queue_consumers > self.listed_consumers
+        )
+
+
 def _port_block(size: int) -> int:
     """The first of ``size`` consecutive loopback ports nothing listens on right now."""
     for _ in range(200):
@@ -216,8 +237,8 @@ class RabbitCluster:
             self.ctl(node, "join_cluster", first.name)
             self.ctl(node, "start_app")
 
-        if others:
-            _parallel(join, others)
+        for node in others:  # one at a time: two joining at once can fail Mnesia's start
+            join(node)
         _parallel(self.await_startup, self.nodes)
         running = self.running_nodes(first)
         if sorted(running) != sorted(node.name for node in self.nodes):
@@ -340,6 +361,44 @@ class RabbitCluster:
             if len(fields) == 2 and fields[0] == queue and "@" in fields[1]:
                 return self.node_named(fields[1].strip())
         return None
+
+    def checkouts(self, vhost: str, queue: str, ask: ClusterNode) -> Checkouts:
+        """A queue's deliveries out to consumers as the queue counts them and as the channels do
+        (``list_queues``, ``list_channels`` and ``list_consumers`` are cluster-wide)."""
+        unacked = consumers = 0
+        for line in self.ctl(
+            ask, "list_queues", "-p", vhost, "name", "messages_unacknowledged", "consumers"
+        ).splitlines():
+            fields = line.split("\t")
+            if len(fields) == 3 and fields[0] == queue:
+                unacked, consumers = int(fields[1]), int(fields[2])
+        channels = 0
+        for line in self.ctl(ask, "list_channels", "vhost", "messages_unacknowledged").splitlines():
+            fields = line.split("\t")
+            if len(fields) == 2 and fields[0] == vhost and fields[1].isdigit():
+                channels += int(fields[1])
+        listed = sum(
+            1
+            for line in self.ctl(ask, "list_consumers", "-p", vhost, "queue_name").splitlines()
+            if line.strip() == queue
+        )
+        return Checkouts(unacked, consumers, channels, listed)
+
+    def transfer_leadership(self, vhost: str, queue: str, to: ClusterNode) -> None:
+        """Move a quorum queue's leader to ``to`` (Ra's leadership transfer, asked of the leader):
+        the new leader takes stock of every consumer afresh."""
+        leader = self.leader(vhost, queue, to)
+        if leader is None or leader is to:
+            raise ClusterError(f"{queue}: no leader to move to {to.name} (leader: {leader})")
+        erlang = (
+            "{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r("
+            f'<<"{vhost}">>, queue, <<"{queue}">>)), '
+            "{Name, _} = amqqueue:get_pid(Q), "
+            f"ra:transfer_leadership({{Name, node()}}, {{Name, '{to.name}'}})."
+        )
+        answer = self.ctl(leader, "eval", erlang).strip()
+        if answer not in ("ok", "already_leader"):
+            raise ClusterError(f"{queue}: leadership transfer to {to.name}: {answer}")
 
     def log(self, node: ClusterNode) -> str:
         logs = sorted((node.base / "log").glob("*.log"))
