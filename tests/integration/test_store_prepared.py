@@ -6,6 +6,7 @@ mapping as SQLAlchemy's would."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from sqlalchemy import bindparam, exc, insert
 
 from deployflag.errors import FatalError
 from deployflag.pipeline.config import PipelineConfig
-from deployflag.settings import load_settings
+from deployflag.settings import Settings, load_settings
 from deployflag.store import Store, repository
 from deployflag.store.prepared import Prepared
 from deployflag.store.tables import TrainingRequest
@@ -59,16 +60,18 @@ class ThroughSqlalchemy:
     first_via_sqlalchemy = first
 
 
-async def test_the_writer_stores_what_sqlalchemy_stores(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def written_both_ways(
+    monkeypatch: pytest.MonkeyPatch, settings_for: Callable[[str], Settings]
+) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows the same requests leave, written once through the store's compiled statements and
+    once through SQLAlchemy's own execution, each on a database of its own: they must be equal.
+    Returns the first (compiled) one."""
     monkeypatch.setattr(repository, "utcnow", lambda: FROZEN)
     written = []
     for name in ("prepared", "sqlalchemy"):
         if name == "sqlalchemy":
             monkeypatch.setattr(repository, "Prepared", ThroughSqlalchemy)
-        url = f"sqlite+aiosqlite:///{tmp_path / name / 'deployflag.db'}"
-        store = await Store.open(load_settings(database_url=url, data_dir=tmp_path / name))
+        store = await Store.open(settings_for(name))
         try:
             written.append(await requests_written(store))
         finally:
@@ -77,29 +80,28 @@ async def test_the_writer_stores_what_sqlalchemy_stores(
     assert prepared == through_sqlalchemy
     assert len(prepared["training_request"]) == 3
     assert len(prepared["model_performance_metadata"]) == 2
+    return prepared
+
+
+async def test_the_writer_stores_what_sqlalchemy_stores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def sqlite(name: str) -> Settings:
+        url = f"sqlite+aiosqlite:///{tmp_path / name / 'deployflag.db'}"
+        return load_settings(database_url=url, data_dir=tmp_path / name)
+
+    await written_both_ways(monkeypatch, sqlite)
 
 
 @pytest.mark.postgres
 async def test_postgresql_stores_what_sqlalchemy_stores(
     postgres: PostgresCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(repository, "utcnow", lambda: FROZEN)
-    written = []
-    for name in ("prepared", "sqlalchemy"):
-        if name == "sqlalchemy":
-            monkeypatch.setattr(repository, "Prepared", ThroughSqlalchemy)
+    def postgresql(name: str) -> Settings:
         url = postgres.fresh_database(f"prepared_{name}")
-        store = await Store.open(
-            load_settings(database_url=url, data_dir=tmp_path / name, auto_migrate=True)
-        )
-        try:
-            written.append(await requests_written(store))
-        finally:
-            await store.close()
-    prepared, through_sqlalchemy = written
-    assert prepared == through_sqlalchemy
-    assert len(prepared["training_request"]) == 3
-    assert len(prepared["model_performance_metadata"]) == 2
+        return load_settings(database_url=url, data_dir=tmp_path / name, auto_migrate=True)
+
+    prepared = await written_both_ways(monkeypatch, postgresql)
     assert prepared["training_request"][0][1:3] == ("7", "pending")  # repo id and status
     assert [row[2] for row in prepared["training_request"]] == ["pending", "done", "done"]
 
