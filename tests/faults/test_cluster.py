@@ -116,8 +116,8 @@ async def settle_or_release_orphans(
     """Wait for every request answered or parked. RabbitMQ 3.10 sometimes keeps a few deliveries
     checked out to the dead node's consumer after the election (the queue counts them unacked, no
     channel holds them, and it never redelivers them by itself): only when the broker shows
-    exactly that, move the queue's leader — the operator's remedy, after which the new leader
-    returns them — and wait again. The remedy is named in the fault table's row, never silent."""
+    exactly that, move the queue's leader — the operator's remedy, which should make the new
+    leader return them — and wait again. The remedy is named in the fault table's row."""
     try:
         await tally.settle(timeout=120)
         return ""
@@ -126,9 +126,7 @@ async def settle_or_release_orphans(
         if not checkouts.orphaned:
             unanswered = len(tally.unanswered())
             raise TimedOut(f"{unanswered} unanswered; the broker: {checkouts}") from None
-    current = await asyncio.to_thread(cluster.leader, vhost, queue, ask)
-    target = next(node for node in cluster.nodes if node is not current)
-    await asyncio.to_thread(cluster.transfer_leadership, vhost, queue, target)
+    await asyncio.to_thread(cluster.move_leader, vhost, queue, ask)
     await tally.settle(timeout=120, what="every request answered once the leader moved")
     return (
         f"; RabbitMQ kept {checkouts.queue_unacked} deliveries checked out to no channel until "

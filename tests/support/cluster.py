@@ -384,12 +384,13 @@ class RabbitCluster:
         )
         return Checkouts(unacked, consumers, channels, listed)
 
-    def transfer_leadership(self, vhost: str, queue: str, to: ClusterNode) -> None:
-        """Move a quorum queue's leader to ``to`` (Ra's leadership transfer, asked of the leader):
-        the new leader takes stock of every consumer afresh."""
-        leader = self.leader(vhost, queue, to)
-        if leader is None or leader is to:
-            raise ClusterError(f"{queue}: no leader to move to {to.name} (leader: {leader})")
+    def move_leader(self, vhost: str, queue: str, ask: ClusterNode) -> ClusterNode:
+        """Move a quorum queue's leader to another running node (Ra's leadership transfer, asked
+        of the leader), so that a new leader takes stock of every consumer afresh; that node."""
+        leader = self.leader(vhost, queue, ask)
+        if leader is None:
+            raise ClusterError(f"{queue}: no leader to move")
+        to = next(node for node in self.nodes if node is not leader and node.pid is not None)
         erlang = (
             "{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r("
             f'<<"{vhost}">>, queue, <<"{queue}">>)), '
@@ -399,6 +400,7 @@ class RabbitCluster:
         answer = self.ctl(leader, "eval", erlang).strip()
         if answer not in ("ok", "already_leader"):
             raise ClusterError(f"{queue}: leadership transfer to {to.name}: {answer}")
+        return to
 
     def log(self, node: ClusterNode) -> str:
         logs = sorted((node.base / "log").glob("*.log"))
