@@ -571,12 +571,16 @@ class MetricsPoller:
 
     def lag_quantile(self, q: float) -> float:
         """Quantile of the loop-lag samples taken during the run, from the histogram's bucket
-        counts (after − before), interpolated within a bucket as histogram_quantile() does."""
-        return histogram_quantile(
+        counts (after − before), interpolated within a bucket as histogram_quantile() does.
+
+        Never above :meth:`lag_max`: interpolating inside a wide bucket (5–10 ms) can land
+        above the largest lag actually seen, and a p99 over the maximum reads as nonsense."""
+        quantile = histogram_quantile(
             q,
             _buckets(self.before, "deployflag_event_loop_lag_seconds_bucket", {}),
             _buckets(self.after, "deployflag_event_loop_lag_seconds_bucket", {}),
         )
+        return min(quantile, self.lag_max())
 
     def lag_max(self) -> float:
         """The largest lag during the run. The recent-max gauge is exact when it rose during the
