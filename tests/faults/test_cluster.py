@@ -126,11 +126,11 @@ async def settle_or_release_orphans(
         if not checkouts.orphaned:
             unanswered = len(tally.unanswered())
             raise TimedOut(f"{unanswered} unanswered; the broker: {checkouts}") from None
-    await asyncio.to_thread(cluster.move_leader, vhost, queue, ask)
+    moved_to = await asyncio.to_thread(cluster.move_leader, vhost, queue, ask)
     await tally.settle(timeout=120, what="every request answered once the leader moved")
     return (
         f"; RabbitMQ kept {checkouts.queue_unacked} deliveries checked out to no channel until "
-        "the queue's leader was moved"
+        f"the queue's leader was moved to {moved_to.name}"
     )
 
 

@@ -390,7 +390,9 @@ class RabbitCluster:
         leader = self.leader(vhost, queue, ask)
         if leader is None:
             raise ClusterError(f"{queue}: no leader to move")
-        to = next(node for node in self.nodes if node is not leader and node.pid is not None)
+        to = next((n for n in self.nodes if n is not leader and n.pid is not None), None)
+        if to is None:  # a bare StopIteration would not cross asyncio.to_thread
+            raise ClusterError(f"{queue}: no other running node to take the leadership")
         erlang = (
             "{ok, Q} = rabbit_amqqueue:lookup(rabbit_misc:r("
             f'<<"{vhost}">>, queue, <<"{queue}">>)), '
