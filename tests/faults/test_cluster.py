@@ -8,8 +8,9 @@ serves from there while the killed node is still down; then the node is restarte
 Every request is answered or parked, none lost, none trained twice.
 
 RabbitMQ 3.10 sometimes keeps a few deliveries checked out to the killed node's consumer after the
-election and never redelivers them (see :func:`settle_or_release_orphans`): the test proves that
-broker state before it applies the operator's remedy, and the fault table says so.
+election and never redelivers them, or keeps counting that consumer (see
+:func:`wait_or_release_orphans` and :func:`consumers_registered`): the test proves that broker
+state before it applies the operator's remedy, and the fault table says so.
 
 The upstream's side (the tally) is connected to a node that is not killed.
 """
@@ -21,7 +22,7 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aio_pika
@@ -30,7 +31,7 @@ import pytest
 from tests.faults.conftest import FaultTable
 from tests.faults.harness import QUEUE_KINDS, Tally, consumers_of, queue_counts
 from tests.support.broker import Names, ServiceProcess
-from tests.support.cluster import ClusterError, ClusterNode, RabbitCluster
+from tests.support.cluster import Checkouts, ClusterError, ClusterNode, RabbitCluster
 from tests.support.toolkit import TimedOut, async_wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420), pytest.mark.rabbitmq]
@@ -110,27 +111,69 @@ def all_running(cluster: RabbitCluster, ask: ClusterNode) -> bool:
     return sorted(running) == sorted(node.name for node in cluster.nodes)
 
 
-async def settle_or_release_orphans(
-    tally: Tally, cluster: RabbitCluster, vhost: str, queue: str, ask: ClusterNode
+async def wait_or_release_orphans(
+    wait: Callable[[], Awaitable[object]],
+    cluster: RabbitCluster,
+    vhost: str,
+    queue: str,
+    ask: ClusterNode,
+    stalled: Callable[[Checkouts], Awaitable[str]],
 ) -> str:
-    """Wait for every request answered or parked. RabbitMQ 3.10 sometimes keeps a few deliveries
-    checked out to the dead node's consumer after the election (the queue counts them unacked, no
-    channel holds them, and it never redelivers them by itself): only when the broker shows
-    exactly that, move the queue's leader — the operator's remedy, which should make the new
-    leader return them — and wait again. The remedy is named in the fault table's row."""
+    """Run ``wait``. RabbitMQ 3.10 sometimes keeps a few deliveries checked out to the dead node's
+    consumer after the election (the queue counts them unacked, no channel holds them, and it
+    never redelivers them by itself), before the node is back or after: when ``wait`` times out
+    and the broker shows exactly that, move the queue's leader — the operator's remedy, which
+    makes a new leader take stock of every consumer again — and run ``wait`` once more. Any other
+    stall fails, with ``stalled``'s account of it. What the remedy did, for the fault table's row
+    ("" when it was not needed)."""
     try:
-        await tally.settle(timeout=120)
+        await wait()
         return ""
-    except TimedOut:
+    except TimedOut as exc:
         checkouts = await asyncio.to_thread(cluster.checkouts, vhost, queue, ask)
         if not checkouts.orphaned:
-            unanswered = len(tally.unanswered())
-            raise TimedOut(f"{unanswered} unanswered; the broker: {checkouts}") from None
+            raise TimedOut(f"{exc}: {await stalled(checkouts)}") from None
     moved_to = await asyncio.to_thread(cluster.move_leader, vhost, queue, ask)
-    await tally.settle(timeout=120, what="every request answered once the leader moved")
+    try:
+        await wait()
+    except TimedOut as exc:
+        after = await asyncio.to_thread(cluster.checkouts, vhost, queue, ask)
+        raise TimedOut(
+            f"{exc}, also after the leader moved to node {moved_to.index}: before {checkouts}, "
+            f"after {after}; {await stalled(after)}"
+        ) from None
     return (
-        f"; RabbitMQ kept {checkouts.queue_unacked} deliveries checked out to no channel until "
-        f"the queue's leader was moved to {moved_to.name}"
+        f"RabbitMQ kept {checkouts.queue_unacked} deliveries checked out to no channel "
+        f"({checkouts.ghosts} dead consumer(s) counted) until the queue's leader was moved to "
+        f"node {moved_to.index}"
+    )
+
+
+async def consumers_registered(
+    service: ServiceProcess, cluster: RabbitCluster, vhost: str, queue: str, ask: ClusterNode
+) -> str:
+    """Wait until the queue counts exactly the service's consumers. A dead node's consumer that
+    RabbitMQ still counts after the restart (no channel owns it) is the same 3.10 fault as the
+    orphaned deliveries: only then the leader is moved, and the count must come right after it.
+    What the remedy did ("" when it was not needed)."""
+
+    async def counted() -> bool:
+        _, consumers = await queue_counts(ask.url(vhost), queue)
+        return consumers == consumers_of(service)
+
+    try:
+        await async_wait_until(counted, 30, "the service's consumers, and no other, on the queue")
+        return ""
+    except TimedOut as exc:
+        checkouts = await asyncio.to_thread(cluster.checkouts, vhost, queue, ask)
+        owned = checkouts.listed_consumers == consumers_of(service)
+        if not (owned and checkouts.ghosts):
+            raise TimedOut(f"{exc}: the broker: {checkouts}") from None
+    moved_to = await asyncio.to_thread(cluster.move_leader, vhost, queue, ask)
+    await async_wait_until(counted, 30, "the dead consumer gone once the leader moved")
+    return (
+        f"RabbitMQ counted {checkouts.ghosts} dead consumer(s) until the queue's leader was "
+        f"moved to node {moved_to.index}"
     )
 
 
@@ -176,20 +219,29 @@ async def test_the_quorum_leaders_node_killed_and_restarted_with_300_in_flight(
             "a new leader on a surviving node",
             every=0.5,
         )
+
         # Served from another node while the killed one is still down.
-        try:
-            await async_wait_until(
-                lambda: len(tally.replies) >= answered_at_kill + 50,
-                90,
-                "50 more replies while the node is down",
-            )
-        except TimedOut as exc:  # say what the broker and the service saw
-            checkouts = await asyncio.to_thread(cluster.checkouts, vhost, training, others[-1])
+        async def stalled_down(checkouts: Checkouts) -> str:  # what the broker and service saw
             ports = await asyncio.to_thread(connected_ports, cluster, others[-1], vhost)
-            raise TimedOut(
-                f"{exc}: {len(tally.replies) - answered_at_kill} came; the broker: {checkouts}; "
+            return (
+                f"{len(tally.replies) - answered_at_kill} came; the broker: {checkouts}; "
                 f"client connections on ports {ports}; service ready: {service.is_ready()}"
-            ) from None
+            )
+
+        remedies = [
+            await wait_or_release_orphans(
+                lambda: async_wait_until(
+                    lambda: len(tally.replies) >= answered_at_kill + 50,
+                    90,
+                    "50 more replies while the node is down",
+                ),
+                cluster,
+                vhost,
+                training,
+                others[-1],
+                stalled_down,
+            )
+        ]
         failover_seconds = time.monotonic() - killed_at
         ports = await asyncio.to_thread(connected_ports, cluster, others[-1], vhost)
         ports.remove(others[-1].port)  # the tally's
@@ -204,9 +256,24 @@ async def test_the_quorum_leaders_node_killed_and_restarted_with_300_in_flight(
             "the restarted node back in the cluster",
             every=0.5,
         )
-        remedy = await settle_or_release_orphans(tally, cluster, vhost, training, others[0])
-        ready, consumers = await queue_counts(others[0].url(vhost), training)
-        await fault_table.record(
+
+        async def stalled_settle(checkouts: Checkouts) -> str:
+            return f"{len(tally.unanswered())} unanswered; the broker: {checkouts}"
+
+        remedies.append(
+            await wait_or_release_orphans(
+                lambda: tally.settle(timeout=120),
+                cluster,
+                vhost,
+                training,
+                others[0],
+                stalled_settle,
+            )
+        )
+        remedies.append(await consumers_registered(service, cluster, vhost, training, others[0]))
+        ready, _ = await queue_counts(others[0].url(vhost), training)
+        remedy = "".join(f"; {text}" for text in remedies if text)
+        row = await fault_table.record(
             tally,
             f"cluster of 3, quorum queues: the leader's node SIGKILLed with {REQUESTS} in flight, "
             f"restarted (the service moved to node {moved_to.index}; 50 more answered "
@@ -217,6 +284,6 @@ async def test_the_quorum_leaders_node_killed_and_restarted_with_300_in_flight(
             rows=REQUESTS,
             parked=0,
         )
-    expected = (0, consumers_of(service))
-    assert (ready, consumers) == expected, "the queue drained and the consumers re-registered"
+    print(row)  # shown with -rA; the table is written by make test-faults
+    assert ready == 0, "the queue drained"
     assert service.is_ready()

@@ -64,6 +64,7 @@ class ClusterNode:
 class Checkouts:
     """A queue's deliveries out to consumers: as the queue counts them, and as channels do."""
 
+    queue_ready: int
     queue_unacked: int
     queue_consumers: int
     channels_unacked: int  # summed over the vhost's channels on every node
@@ -72,13 +73,15 @@ class Checkouts:
     @property
     def orphaned(self) -> bool:
         """RabbitMQ 3.10's quorum-queue fault after its leader's node dies (rabbitmq-server
-        #15473): the queue counts deliveries out, and a consumer, that no channel owns; it
-        never redelivers them by itself."""
-        return (
-            self.queue_unacked > 0
-            and self.channels_unacked == 0
-            and self.queue_consumers > self.listed_consumers
-        )
+        #15473): the queue counts deliveries out that no channel holds, and never redelivers them
+        by itself. It has shown with the dead consumer still counted (one consumer more than the
+        channels own) and without it."""
+        return self.queue_unacked > 0 and self.channels_unacked == 0
+
+    @property
+    def ghosts(self) -> int:
+        """Consumers the queue counts that no channel owns (a consumer of a dead node)."""
+        return max(0, self.queue_consumers - self.listed_consumers)
 
 
 def _port_block(size: int) -> int:
@@ -365,13 +368,20 @@ class RabbitCluster:
     def checkouts(self, vhost: str, queue: str, ask: ClusterNode) -> Checkouts:
         """A queue's deliveries out to consumers as the queue counts them and as the channels do
         (``list_queues``, ``list_channels`` and ``list_consumers`` are cluster-wide)."""
-        unacked = consumers = 0
+        ready = unacked = consumers = 0
         for line in self.ctl(
-            ask, "list_queues", "-p", vhost, "name", "messages_unacknowledged", "consumers"
+            ask,
+            "list_queues",
+            "-p",
+            vhost,
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+            "consumers",
         ).splitlines():
             fields = line.split("\t")
-            if len(fields) == 3 and fields[0] == queue:
-                unacked, consumers = int(fields[1]), int(fields[2])
+            if len(fields) == 4 and fields[0] == queue:
+                ready, unacked, consumers = (int(field) for field in fields[1:])
         channels = 0
         for line in self.ctl(ask, "list_channels", "vhost", "messages_unacknowledged").splitlines():
             fields = line.split("\t")
@@ -382,7 +392,7 @@ class RabbitCluster:
             for line in self.ctl(ask, "list_consumers", "-p", vhost, "queue_name").splitlines()
             if line.strip() == queue
         )
-        return Checkouts(unacked, consumers, channels, listed)
+        return Checkouts(ready, unacked, consumers, channels, listed)
 
     def move_leader(self, vhost: str, queue: str, ask: ClusterNode) -> ClusterNode:
         """Move a quorum queue's leader to another running node (Ra's leadership transfer, asked
