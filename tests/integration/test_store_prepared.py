@@ -43,6 +43,10 @@ async def requests_written(store: Store) -> dict[str, list[tuple[Any, ...]]]:
     await store.claim("claimed", 7, "a" * 64)  # counted twice
     await store.record_result(make_result("recorded", 8), CONFIG)
     await store.claim_and_record(make_result("folded", "x-9", roc_auc=None), CONFIG, "b" * 64, 3)
+    await store.record_failure("failed", 11, "bad_data", "the first park")
+    # A second park of the same request: the row keeps its repo id, takes the new error.
+    await store.record_failure("failed", None, "bad_data", "no route to amqp://u:secret@host/")
+    await store.record_failure("recorded", 8, "bad_data", "a done request stays done")
     return await raw_rows(store)
 
 
@@ -78,8 +82,11 @@ async def written_both_ways(
             await store.close()
     prepared, through_sqlalchemy = written
     assert prepared == through_sqlalchemy
-    assert len(prepared["training_request"]) == 3
+    assert len(prepared["training_request"]) == 4
     assert len(prepared["model_performance_metadata"]) == 2
+    failed = prepared["training_request"][1]
+    assert failed[:3] == ("failed", "11", "parked")  # request id, repo id kept, status
+    assert "no route to amqp://u:***@host/" in failed  # redacted before it is stored
     return prepared
 
 
@@ -103,7 +110,8 @@ async def test_postgresql_stores_what_sqlalchemy_stores(
 
     prepared = await written_both_ways(monkeypatch, postgresql)
     assert prepared["training_request"][0][1:3] == ("7", "pending")  # repo id and status
-    assert [row[2] for row in prepared["training_request"]] == ["pending", "done", "done"]
+    statuses = [row[2] for row in prepared["training_request"]]
+    assert statuses == ["pending", "parked", "done", "done"]
 
 
 def test_prepared_parameters_go_through_the_column_types() -> None:

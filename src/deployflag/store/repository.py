@@ -198,7 +198,7 @@ class Store:
             return pg_insert(table)
         return sqlite_insert(table)
 
-    # --- the two upserts of every request, built once ----------------------------------------
+    # --- the upserts of every request (and of every park), built once ----------------------
     # Building an upsert (its ``excluded`` alias above all) costs more than running it, and
     # SQLAlchemy 2.0 compiles dialect upserts on every execution anyway (they have no cache key).
 
@@ -324,6 +324,26 @@ class Store:
             },
         )
         return self._statement(upsert.returning(t.c.id))
+
+    @cached_property
+    def _failure_upsert(self) -> Any:
+        t = _requests
+        row = self._bound_row(
+            status="parked",
+            reason=bindparam("reason", type_=t.c.reason.type),
+            error=bindparam("error", type_=t.c.error.type),
+        )
+        row["finished_at"] = row["updated_at"]
+        upsert = self._request_upsert(
+            row,
+            lambda excluded: {
+                "status": "parked",
+                "reason": excluded.reason,
+                "error": excluded.error,
+                "finished_at": row["updated_at"],
+            },
+        )
+        return self._statement(upsert)
 
     # --- requests ------------------------------------------------------------------------
 
@@ -521,28 +541,16 @@ class Store:
         self, request_id: str, repo_id: str | int | None, reason: str, error: str
     ) -> None:
         """Park the request with a reason code and an error text; a done request stays done."""
-        now = utcnow()
-        upsert = self._request_upsert(
-            {
-                "request_id": request_id,
-                "repo_id": _text_id(repo_id),
-                "status": "parked",
-                "attempts": 1,
-                "reason": reason[:REASON_LENGTH],
-                "error": redact(error)[:MAX_ERROR_LENGTH],
-                "received_at": now,
-                "finished_at": now,
-                "updated_at": now,
-            },
-            lambda excluded: {
-                "status": "parked",
-                "reason": excluded.reason,
-                "error": excluded.error,
-                "finished_at": now,
-            },
-        )
+        upsert = self._failure_upsert
+        values = {
+            "request_id": request_id,
+            "repo_id": _text_id(repo_id),
+            "reason": reason[:REASON_LENGTH],
+            "error": redact(error)[:MAX_ERROR_LENGTH],
+            "now": utcnow(),
+        }
         try:
-            await self._write(lambda conn: conn.execute(upsert))
+            await self._write(lambda conn: upsert(conn, values))
         except InvalidRequest as exc:
             # The database refuses the ids themselves (a data exception): the parked copy on
             # the failed queue is then the only record, and it carries the reason.
