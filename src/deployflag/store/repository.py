@@ -308,42 +308,33 @@ class Store:
         )
         return self._statement(upsert.returning(t.c.attempts))
 
-    @cached_property
-    def _finish_upsert(self) -> Any:
+    def _finishing_upsert(self, status: str, columns: tuple[str, ...]) -> Any:
+        """The request ends as ``status`` (done, parked) with ``columns`` bound at execution;
+        the reason and error are cleared unless they are among them."""
         t = _requests
-        row = self._bound_row(status="done", result=bindparam("result", type_=t.c.result.type))
+        row = self._bound_row(
+            status=status, **{name: bindparam(name, type_=t.c[name].type) for name in columns}
+        )
         row["finished_at"] = row["updated_at"]
-        upsert = self._request_upsert(
+        return self._request_upsert(
             row,
             lambda excluded: {
-                "status": "done",
-                "result": excluded.result,
                 "reason": None,
                 "error": None,
+                "status": status,
+                **{name: excluded[name] for name in columns},
                 "finished_at": row["updated_at"],
             },
         )
-        return self._statement(upsert.returning(t.c.id))
+
+    @cached_property
+    def _finish_upsert(self) -> Any:
+        upsert = self._finishing_upsert("done", ("result",))
+        return self._statement(upsert.returning(_requests.c.id))
 
     @cached_property
     def _failure_upsert(self) -> Any:
-        t = _requests
-        row = self._bound_row(
-            status="parked",
-            reason=bindparam("reason", type_=t.c.reason.type),
-            error=bindparam("error", type_=t.c.error.type),
-        )
-        row["finished_at"] = row["updated_at"]
-        upsert = self._request_upsert(
-            row,
-            lambda excluded: {
-                "status": "parked",
-                "reason": excluded.reason,
-                "error": excluded.error,
-                "finished_at": row["updated_at"],
-            },
-        )
-        return self._statement(upsert)
+        return self._statement(self._finishing_upsert("parked", ("reason", "error")))
 
     # --- requests ------------------------------------------------------------------------
 
