@@ -111,27 +111,26 @@ def all_running(cluster: RabbitCluster, ask: ClusterNode) -> bool:
     return sorted(running) == sorted(node.name for node in cluster.nodes)
 
 
-async def wait_or_release_orphans(
+async def wait_or_move_leader(
     wait: Callable[[], Awaitable[object]],
     cluster: RabbitCluster,
     vhost: str,
     queue: str,
     ask: ClusterNode,
+    stuck: Callable[[Checkouts], bool],
     stalled: Callable[[Checkouts], Awaitable[str]],
-) -> str:
-    """Run ``wait``. RabbitMQ 3.10 sometimes keeps a few deliveries checked out to the dead node's
-    consumer after the election (the queue counts them unacked, no channel holds them, and it
-    never redelivers them by itself), before the node is back or after: when ``wait`` times out
-    and the broker shows exactly that, move the queue's leader — the operator's remedy, which
-    makes a new leader take stock of every consumer again — and run ``wait`` once more. Any other
-    stall fails, with ``stalled``'s account of it. What the remedy did, for the fault table's row
-    ("" when it was not needed)."""
+) -> tuple[Checkouts, ClusterNode] | None:
+    """Run ``wait``. When it times out and the broker is ``stuck`` in RabbitMQ 3.10's fault,
+    move the queue's leader — the operator's remedy, which makes a new leader take stock of every
+    consumer again — and run ``wait`` once more. Any other stall fails, with ``stalled``'s
+    account of it. None when no remedy was needed; otherwise the broker's state before it and
+    the node the leader moved to."""
     try:
         await wait()
-        return ""
+        return None
     except TimedOut as exc:
         checkouts = await asyncio.to_thread(cluster.checkouts, vhost, queue, ask)
-        if not checkouts.orphaned:
+        if not stuck(checkouts):
             raise TimedOut(f"{exc}: {await stalled(checkouts)}") from None
     moved_to = await asyncio.to_thread(cluster.move_leader, vhost, queue, ask)
     try:
@@ -142,6 +141,28 @@ async def wait_or_release_orphans(
             f"{exc}, also after the leader moved to node {moved_to.index}: before {checkouts}, "
             f"after {after}; {await stalled(after)}"
         ) from None
+    return checkouts, moved_to
+
+
+async def wait_or_release_orphans(
+    wait: Callable[[], Awaitable[object]],
+    cluster: RabbitCluster,
+    vhost: str,
+    queue: str,
+    ask: ClusterNode,
+    stalled: Callable[[Checkouts], Awaitable[str]],
+) -> str:
+    """Run ``wait``. RabbitMQ 3.10 sometimes keeps a few deliveries checked out to the dead node's
+    consumer after the election (the queue counts them unacked, no channel holds them, and it
+    never redelivers them by itself), before the node is back or after: only in exactly that
+    state is the leader moved. What the remedy did, for the fault table's row ("" when it was
+    not needed)."""
+    remedied = await wait_or_move_leader(
+        wait, cluster, vhost, queue, ask, lambda checkouts: checkouts.orphaned, stalled
+    )
+    if remedied is None:
+        return ""
+    checkouts, moved_to = remedied
     return (
         f"RabbitMQ kept {checkouts.queue_unacked} deliveries checked out to no channel "
         f"({checkouts.ghosts} dead consumer(s) counted) until the queue's leader was moved to "
@@ -161,16 +182,26 @@ async def consumers_registered(
         _, consumers = await queue_counts(ask.url(vhost), queue)
         return consumers == consumers_of(service)
 
-    try:
-        await async_wait_until(counted, 30, "the service's consumers, and no other, on the queue")
+    def ghost_only(checkouts: Checkouts) -> bool:
+        return checkouts.listed_consumers == consumers_of(service) and checkouts.ghosts > 0
+
+    async def broker(checkouts: Checkouts) -> str:
+        return f"the broker: {checkouts}"
+
+    remedied = await wait_or_move_leader(
+        lambda: async_wait_until(
+            counted, 30, "the service's consumers, and no other, on the queue"
+        ),
+        cluster,
+        vhost,
+        queue,
+        ask,
+        ghost_only,
+        broker,
+    )
+    if remedied is None:
         return ""
-    except TimedOut as exc:
-        checkouts = await asyncio.to_thread(cluster.checkouts, vhost, queue, ask)
-        owned = checkouts.listed_consumers == consumers_of(service)
-        if not (owned and checkouts.ghosts):
-            raise TimedOut(f"{exc}: the broker: {checkouts}") from None
-    moved_to = await asyncio.to_thread(cluster.move_leader, vhost, queue, ask)
-    await async_wait_until(counted, 30, "the dead consumer gone once the leader moved")
+    checkouts, moved_to = remedied
     return (
         f"RabbitMQ counted {checkouts.ghosts} dead consumer(s) until the queue's leader was "
         f"moved to node {moved_to.index}"
