@@ -269,6 +269,27 @@ def test_model_skips_without_rows_or_with_one_class() -> None:
     assert one.scores[0].fix_probability == 0.0
 
 
+def test_without_a_model_to_train_no_model_rows_are_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a payload whose events all have the same label, and one whose events have both
+    one_class = request(historical=[hist(0, 3), hist(1, 3), hist(2, 4)])
+    both = request(historical=[hist(0, 3), hist(1, 3), hist(2, 1), hist(3, 1)])
+    built: list[int] = []
+    real_rows = forecast_model.rows
+
+    def counting_rows(ev: pair_events.PairEvents, *args: object) -> forecast_model.Rows:
+        built.append(len(ev))
+        return real_rows(ev, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(forecast_model, "rows", counting_rows)
+    # When both are computed
+    skipped = compute(one_class, FORECAST)
+    trained = compute(both, FORECAST)
+    # Then only the second built the model's rows; the first still reports its events as rows
+    assert built == [3]
+    assert (skipped.model.skipped_reason, skipped.model.training_rows) == ("one_class", 2)
+    assert trained.model.trained
+
+
 # --- weights -----------------------------------------------------------------------------
 
 

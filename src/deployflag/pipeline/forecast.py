@@ -11,6 +11,8 @@ See docs/scoring.md.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from deployflag.messages import Computation, Score, TrainingRequest
@@ -66,17 +68,13 @@ def half_life_of(config: PipelineConfig, ev: pair_events.PairEvents, info: Short
 
 def compute(request: TrainingRequest, cols: Columns, info: Shortcodes,
             config: PipelineConfig) -> Computation:  # fmt: skip
-    n = len(info.names)
     seg = events.daily_segments(cols)  # the seed's rates, reported too, use the same ones
     ev = pair_events.build(cols, seg)
     span = time_span(cols)
     recency = half_life_of(config, ev, info, span)
     weight = fix_rate.recency_weights(ev.time, span[1], recency.half_life)
     e = fix_rate.smoothed(ev.code, ev.fix_rate, weight, info.severity, config.prior_strength)
-    data = forecast_model.rows(
-        ev, info.severity, span[1], last_historical(cols, n), config.long_gap_days
-    )
-    forecast = forecast_model.train(data, n, config.forecast)
+    forecast = _forecast(cols, ev, info, span[1], config)
     report = forecast.report.model_copy(
         update={
             "half_life_days": recency.half_life,
@@ -90,6 +88,18 @@ def compute(request: TrainingRequest, cols: Columns, info: Shortcodes,
         scores=scores(cols, info, ev, e, forecast.probability, config, seg),
         model=report,
     )
+
+
+def _forecast(cols: Columns, ev: pair_events.PairEvents, info: Shortcodes, t_end: int,
+              config: PipelineConfig) -> forecast_model.Forecast:  # fmt: skip
+    """The model's forecast; the inputs of its rows are only computed when one is trained."""
+    n = len(info.names)
+    reason = forecast_model.skipped_reason(ev.label)
+    if reason is not None:
+        return forecast_model.untrained(reason, len(ev), n, config.forecast, time.perf_counter())
+    data = forecast_model.rows(ev, info.severity, t_end, last_historical(cols, n),
+                               config.long_gap_days)  # fmt: skip
+    return forecast_model.train(data, n, config.forecast)
 
 
 def scores(cols: Columns, info: Shortcodes, ev: pair_events.PairEvents, e: F64,

@@ -233,19 +233,29 @@ class Forecast:
     probability: F64  # per shortcode code; 0 without events or without a model
 
 
+def skipped_reason(labels: I64) -> str | None:
+    """Why no model is trained on events with these labels (None: one is)."""
+    return NO_ROWS if len(labels) == 0 else ONE_CLASS if one_class(labels) else None
+
+
+def untrained(reason: str, training_rows: int, n_codes: int, spec: ForecastSpec,
+              started: float) -> Forecast:  # fmt: skip
+    report = ModelReport(
+        trained=False,
+        skipped_reason=reason,
+        training_seconds=round(clock.perf_counter() - started, 4),
+        estimator=spec.estimator,
+        training_rows=training_rows,
+    )
+    return Forecast(report=report, probability=np.zeros(n_codes, dtype=np.float64))
+
+
 def train(data: Rows, n_codes: int, spec: ForecastSpec) -> Forecast:
     started = clock.perf_counter()
-    probability = np.zeros(n_codes, dtype=np.float64)
-    reason = NO_ROWS if len(data.y) == 0 else ONE_CLASS if one_class(data.y) else None
-    base = {"estimator": spec.estimator, "training_rows": len(data.y)}
+    reason = skipped_reason(data.y)
     if reason is not None:
-        report = ModelReport(
-            trained=False,
-            skipped_reason=reason,
-            training_seconds=round(clock.perf_counter() - started, 4),
-            **base,
-        )
-        return Forecast(report=report, probability=probability)
+        return untrained(reason, len(data.y), n_codes, spec, started)
+    probability = np.zeros(n_codes, dtype=np.float64)
     auc, precision = evaluate(data.x, data.y, spec)
     fitted = fit(data.x, data.y, spec)
     probability[data.forecast_codes] = fitted.probabilities(data.forecast_x)
@@ -255,6 +265,7 @@ def train(data: Rows, n_codes: int, spec: ForecastSpec) -> Forecast:
         roc_auc=auc,
         precision=precision,
         training_seconds=round(clock.perf_counter() - started, 4),
-        **base,
+        estimator=spec.estimator,
+        training_rows=len(data.y),
     )
     return Forecast(report=report, probability=probability)
