@@ -15,6 +15,7 @@ from sqlalchemy import text
 from deployflag.errors import FatalError, TransientError
 from deployflag.settings import load_settings
 from deployflag.store import Store, migrate
+from deployflag.store import engine as engine_module
 from tests.support.postgres import PostgresCluster
 from tests.support.store import Database, database
 from tests.support.toolkit import free_port
@@ -148,6 +149,47 @@ async def test_store_recovers_after_postgres_restarts(postgres: PostgresCluster)
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(0.2)
+        assert (await store.claim("r", 1)).attempts == 2
+
+
+@pytest.mark.postgres
+async def test_only_idle_postgres_connections_are_pinged(
+    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "PG_IDLE_PING_SECONDS", 0.3)
+    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
+    async with await Store.open(load_settings(database_url=url, auto_migrate=True)) as store:
+        dialect = store.engine.sync_engine.dialect
+        pings: list[float] = []
+        real_ping = dialect.do_ping
+
+        def counting_ping(dbapi_connection: object) -> bool:
+            pings.append(time.monotonic())
+            return real_ping(dbapi_connection)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(dialect, "do_ping", counting_ping)
+        # Given a connection in steady use: it is handed out without a ping
+        for i in range(20):
+            await store.claim(f"busy-{i}", 1)
+        assert pings == []
+        # When it has been idle past the threshold: pinged once, on its next checkout
+        await asyncio.sleep(0.4)
+        await store.claim("after-idle", 1)
+        assert len(pings) == 1
+
+
+@pytest.mark.postgres
+async def test_an_idle_connection_killed_by_a_restart_is_replaced_unnoticed(
+    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_module, "PG_IDLE_PING_SECONDS", 0.0)
+    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
+    async with await Store.open(load_settings(database_url=url, auto_migrate=True)) as store:
+        assert (await store.claim("r", 1)).attempts == 1  # a pooled connection now exists
+        # Given the server restarted while that connection sat in the pool
+        await asyncio.to_thread(postgres.stop)
+        await asyncio.to_thread(postgres.start)
+        # Then the next transaction gets a fresh connection, without an error to retry
         assert (await store.claim("r", 1)).attempts == 2
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -24,6 +25,9 @@ PG_MAX_OVERFLOW = 10
 PG_CONNECT_TIMEOUT = 10.0  # seconds to open one connection
 PG_COMMAND_TIMEOUT = 60.0  # seconds for one statement; no query here should come close
 POOL_TIMEOUT = 30.0  # seconds to wait for a free pooled connection
+# A pooled PostgreSQL connection that sat unused this long is pinged before it is handed out.
+PG_IDLE_PING_SECONDS = 1.0
+_IDLE_SINCE = "deployflag_idle_since"
 
 
 def sqlite_path(url: URL) -> Path | None:
@@ -139,9 +143,8 @@ def _postgres_engine(url: URL, ssl_arg: ssl.SSLContext | bool | None) -> AsyncEn
     # A context means "TLS, no fallback" to asyncpg; "disable" must be said explicitly (False),
     # or asyncpg tries TLS first ("prefer").
     tls_args: dict[str, Any] = {} if ssl_arg is None else {"ssl": ssl_arg}
-    return create_async_engine(
+    engine = create_async_engine(
         url,
-        pool_pre_ping=True,  # a restarted server leaves dead connections in the pool
         pool_size=PG_POOL_SIZE,
         max_overflow=PG_MAX_OVERFLOW,
         pool_timeout=POOL_TIMEOUT,
@@ -153,3 +156,33 @@ def _postgres_engine(url: URL, ssl_arg: ssl.SSLContext | bool | None) -> AsyncEn
             **tls_args,
         },
     )
+    _ping_idle_connections(engine)
+    return engine
+
+
+def _ping_idle_connections(engine: AsyncEngine) -> None:
+    """Ping a pooled connection on checkout when it has been idle at least
+    ``PG_IDLE_PING_SECONDS``; a dead one is replaced before anybody uses it.
+
+    SQLAlchemy's ``pool_pre_ping`` pings on every checkout, and its asyncpg ping is three round
+    trips (BEGIN, an empty query, ROLLBACK, for PgBouncer's transaction mode): with the request's
+    own BEGIN, three statements and COMMIT, 8 round trips instead of 5, and 0.45 ms of the main
+    process's CPU per request. A connection goes stale while it sits unused (a server restart,
+    an idle timeout); one in steady use that dies fails its transaction, SQLAlchemy then
+    invalidates every connection of the pool opened before, and the store's caller retries.
+    """
+    sync = engine.sync_engine
+
+    @event.listens_for(sync, "checkin")
+    def _idle_from(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_IDLE_SINCE] = time.monotonic()
+
+    @event.listens_for(sync, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.pop(_IDLE_SINCE, None)
+        if since is None or time.monotonic() - since < PG_IDLE_PING_SECONDS:
+            return
+        try:
+            sync.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # the pool replaces the connection and checks out again
+            raise sa_exc.DisconnectionError(f"idle connection failed its ping: {exc}") from exc
