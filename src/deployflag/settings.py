@@ -57,6 +57,9 @@ def _normalise_database_url(url: str) -> str:
         ) from exc
     backend = parsed.get_backend_name()
     if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            # It would forget every request at exit, so a redelivered one would be trained again.
+            raise ValueError("an in-memory SQLite database is not supported: give a file path")
         parsed = parsed.set(drivername="sqlite+aiosqlite")
     elif backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+asyncpg")

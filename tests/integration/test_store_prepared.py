@@ -1,7 +1,7 @@
 """The per-request statements are compiled once (store/prepared.py): the SQLite writer runs them on
 the driver connection, PostgreSQL through ``exec_driver_sql``. Either way the rows must come out
-exactly as SQLAlchemy's own execution writes them, and driver errors must reach the store's error
-mapping as SQLAlchemy's would."""
+exactly as SQLAlchemy's own execution writes them, every call must return what it returns that
+way, and driver errors must reach the store's error mapping as SQLAlchemy's would."""
 
 from __future__ import annotations
 
@@ -38,16 +38,26 @@ async def raw_rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
-async def requests_written(store: Store) -> dict[str, list[tuple[Any, ...]]]:
-    await store.claim("claimed", 7, "a" * 64)
-    await store.claim("claimed", 7, "a" * 64)  # counted twice
-    await store.record_result(make_result("recorded", 8), CONFIG)
-    await store.claim_and_record(make_result("folded", "x-9", roc_auc=None), CONFIG, "b" * 64, 3)
+async def requests_written(store: Store) -> tuple[dict[str, list[tuple[Any, ...]]], list[Any]]:
+    """Every kind of write, and what each call returned (rare paths included: a claim that finds
+    the request done or with another body, a record that finds it done)."""
+    returned: list[Any] = [
+        await store.claim("claimed", 7, "a" * 64),
+        await store.claim("claimed", 7, "a" * 64),  # counted twice
+        await store.record_result(make_result("recorded", 8), CONFIG),
+        await store.claim_and_record(
+            make_result("folded", "x-9", roc_auc=None), CONFIG, "b" * 64, 3
+        ),
+        await store.claim("recorded", 8),  # done: its stored result, read back
+        await store.claim("folded", "x-9", "c" * 64),  # another body: a conflict
+        await store.record_result(make_result("recorded", 8), CONFIG),  # done: nothing written
+        await store.claim_and_record(make_result("folded", "x-9"), CONFIG, "b" * 64, 3),
+    ]
     await store.record_failure("failed", 11, "bad_data", "the first park")
     # A second park of the same request: the row keeps its repo id, takes the new error.
     await store.record_failure("failed", None, "bad_data", "no route to amqp://u:secret@host/")
     await store.record_failure("recorded", 8, "bad_data", "a done request stays done")
-    return await raw_rows(store)
+    return await raw_rows(store), returned
 
 
 class ThroughSqlalchemy:
@@ -80,8 +90,14 @@ async def written_both_ways(
             written.append(await requests_written(store))
         finally:
             await store.close()
-    prepared, through_sqlalchemy = written
-    assert prepared == through_sqlalchemy
+    (prepared, returned), (through_sqlalchemy_rows, returned_by_sqlalchemy) = written
+    assert prepared == through_sqlalchemy_rows
+    assert returned == returned_by_sqlalchemy
+    claimed_done, conflict = returned[4], returned[5]
+    assert (claimed_done.status, claimed_done.result["request_id"]) == ("done", "recorded")
+    assert (conflict.status, conflict.known_repo_id) == ("conflict", "x-9")
+    assert returned[6][0] is False, "recorded once"
+    assert returned[7].claim.status == "done"
     assert len(prepared["training_request"]) == 4
     assert len(prepared["model_performance_metadata"]) == 2
     failed = prepared["training_request"][1]
@@ -150,3 +166,20 @@ async def test_a_driver_error_is_mapped_like_sqlalchemys(tmp_path: Path) -> None
             await store._write(missing_table)
     finally:
         await store.close()
+
+
+async def test_a_sqlite_uri_stores_and_returns_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``file:`` URI has no writer thread: its statements run as SQLAlchemy's cached text,
+    and every call must return what the writer thread's returns."""
+    monkeypatch.setattr(repository, "utcnow", lambda: FROZEN)
+    written = []
+    uri = f"sqlite+aiosqlite:///file:{tmp_path / 'uri.db'}?uri=true"
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'file.db'}", uri):
+        store = await Store.open(load_settings(database_url=url, data_dir=tmp_path))
+        try:
+            written.append(await requests_written(store))
+        finally:
+            await store.close()
+    assert written[0] == written[1]

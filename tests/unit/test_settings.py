@@ -126,6 +126,8 @@ def test_database_urls_are_normalised_to_async_drivers(
         ("DEPLOYFLAG_AMQP_URL", "http://u:hunter2@h/", "DEPLOYFLAG_AMQP_URL"),
         ("DEPLOYFLAG_DATABASE_URL", "mysql://u:hunter2@h/db", "DEPLOYFLAG_DATABASE_URL"),
         ("DEPLOYFLAG_DATABASE_URL", "::not a url::", "DEPLOYFLAG_DATABASE_URL"),
+        ("DEPLOYFLAG_DATABASE_URL", "sqlite+aiosqlite:///:memory:", "in-memory SQLite"),
+        ("DEPLOYFLAG_DATABASE_URL", "sqlite://", "in-memory SQLite"),
         ("DEPLOYFLAG_QUEUE_TYPE", "stream", "DEPLOYFLAG_QUEUE_TYPE"),
         ("DEPLOYFLAG_REPLY_FORMAT", "xml", "DEPLOYFLAG_REPLY_FORMAT"),
         ("DEPLOYFLAG_W1", "0.5", "DEPLOYFLAG_W1"),
