@@ -8,6 +8,7 @@ import sqlite3
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import text
@@ -152,43 +153,65 @@ async def test_store_recovers_after_postgres_restarts(postgres: PostgresCluster)
         assert (await store.claim("r", 1)).attempts == 2
 
 
+class Clock:
+    """The store engine's clock, moved by hand (asyncio keeps the real one)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def engine_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    clock = Clock()
+    monkeypatch.setattr(
+        engine_module, "time", SimpleNamespace(monotonic=clock.monotonic, sleep=time.sleep)
+    )
+    return clock
+
+
+async def open_postgres_store(postgres: PostgresCluster) -> Store:
+    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
+    return await Store.open(load_settings(database_url=url, auto_migrate=True))
+
+
 @pytest.mark.postgres
 async def test_only_idle_postgres_connections_are_pinged(
-    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch, engine_clock: Clock
 ) -> None:
-    monkeypatch.setattr(engine_module, "PG_IDLE_PING_SECONDS", 0.3)
-    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
-    async with await Store.open(load_settings(database_url=url, auto_migrate=True)) as store:
+    async with await open_postgres_store(postgres) as store:
         dialect = store.engine.sync_engine.dialect
-        pings: list[float] = []
+        pings: list[object] = []
         real_ping = dialect.do_ping
 
         def counting_ping(dbapi_connection: object) -> bool:
-            pings.append(time.monotonic())
+            pings.append(dbapi_connection)
             return real_ping(dbapi_connection)  # type: ignore[no-any-return]
 
         monkeypatch.setattr(dialect, "do_ping", counting_ping)
         # Given a connection in steady use: it is handed out without a ping
         for i in range(20):
             await store.claim(f"busy-{i}", 1)
+            engine_clock.now += engine_module.PG_IDLE_PING_SECONDS / 2
         assert pings == []
-        # When it has been idle past the threshold: pinged once, on its next checkout
-        await asyncio.sleep(0.4)
+        # When it has sat in the pool for the threshold: pinged once, on its next checkout
+        engine_clock.now += engine_module.PG_IDLE_PING_SECONDS
         await store.claim("after-idle", 1)
         assert len(pings) == 1
 
 
 @pytest.mark.postgres
 async def test_an_idle_connection_killed_by_a_restart_is_replaced_unnoticed(
-    postgres: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+    postgres: PostgresCluster, engine_clock: Clock
 ) -> None:
-    monkeypatch.setattr(engine_module, "PG_IDLE_PING_SECONDS", 0.0)
-    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
-    async with await Store.open(load_settings(database_url=url, auto_migrate=True)) as store:
+    async with await open_postgres_store(postgres) as store:
         assert (await store.claim("r", 1)).attempts == 1  # a pooled connection now exists
-        # Given the server restarted while that connection sat in the pool
+        # Given the server restarted while that connection sat in the pool long enough
         await asyncio.to_thread(postgres.stop)
         await asyncio.to_thread(postgres.start)
+        engine_clock.now += engine_module.PG_IDLE_PING_SECONDS
         # Then the next transaction gets a fresh connection, without an error to retry
         assert (await store.claim("r", 1)).attempts == 2
 
