@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install services run test test-unit test-faults test-container faults-report lint format bench bench-pipeline bench-service bench-fairness docs clean
+.PHONY: install services run test test-unit test-faults test-container faults-report lint format bench bench-pipeline bench-service bench-ab bench-fairness docs clean
 
 install: $(STAMP)  ## virtualenv with the package and its dev tools
 $(STAMP): pyproject.toml
@@ -47,13 +47,16 @@ format: install
 	$(VENV)/bin/ruff format src tests benchmarks migrations
 	$(VENV)/bin/ruff check --fix src tests benchmarks migrations
 
-bench: bench-pipeline bench-service bench-fairness  ## every benchmark; tables in benchmarks/results/
+bench: bench-pipeline bench-service bench-ab bench-fairness  ## every benchmark; tables in benchmarks/results/
 
 bench-pipeline: install
 	$(PY) benchmarks/bench_pipeline.py
 
 bench-service: install services
 	$(PY) benchmarks/bench_service.py
+
+bench-ab: install services  ## small requests, serve and Celery side by side in interleaved rounds
+	$(PY) benchmarks/bench_ab.py celery=celery:. serve=serve:.
 
 bench-fairness: install services
 	$(PY) benchmarks/bench_fairness.py

@@ -420,6 +420,20 @@ async def part_reference(url: str, work: Path, res: Results) -> None:
 # --- part 1 again, on PostgreSQL -----------------------------------------------------------------
 
 
+def migrate_database(db_url: str, src: Path | None, cwd: Path) -> None:
+    """``deployflag migrate`` on a fresh PostgreSQL database, with the code that will use it."""
+    env = {**os.environ, "DEPLOYFLAG_DATABASE_URL": db_url}
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    subprocess.run(
+        [sys.executable, "-m", "deployflag", "migrate"],
+        env=env,
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+    )
+
+
 async def part_postgres(url: str, work: Path, res: Results) -> None:
     """Part 1's serve (default) and Celery well-configured, each on a fresh database of one
     throwaway PostgreSQL cluster (tests/support/postgres.py: fsync off, as for the tests)."""
@@ -440,16 +454,7 @@ async def part_postgres(url: str, work: Path, res: Results) -> None:
 
         def fresh() -> str:
             db = cluster.fresh_database(f"bench_{next(made)}")
-            env = {**os.environ, "DEPLOYFLAG_DATABASE_URL": db}
-            if res.src is not None:
-                env["PYTHONPATH"] = str(res.src)
-            subprocess.run(
-                [sys.executable, "-m", "deployflag", "migrate"],
-                env=env,
-                cwd=work,
-                check=True,
-                capture_output=True,
-            )
+            migrate_database(db, res.src, work)
             return db
 
         common: dict[str, Any] = {"count": plan.small, "solo": plan.solo, "warmup": plan.warmup}
