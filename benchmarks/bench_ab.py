@@ -24,14 +24,17 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench_service import export_ref, factory, migrate_database, small_payload
 from harness import (
     BENCH_DIR,
     Driver,
     ForeignLoad,
+    MessageFactory,
     Names,
     Proc,
     ProcessCpu,
@@ -95,55 +98,66 @@ def start(variant: Variant, url: str, names: Names, work: Path, db_url: str | No
     return proc
 
 
-async def run(args: argparse.Namespace, variants: list[Variant], work: Path) -> None:
-    cluster = None
-    if args.postgres:
-        sys.path.insert(0, str(BENCH_DIR.parent))
-        from tests.support.postgres import PostgresCluster, find_bindir
+@contextlib.contextmanager
+def postgres_cluster(wanted: bool) -> Iterator[Any]:
+    """A throwaway PostgreSQL cluster (tests/support/postgres.py), or None."""
+    if not wanted:
+        yield None
+        return
+    sys.path.insert(0, str(BENCH_DIR.parent))
+    from tests.support.postgres import PostgresCluster, find_bindir
 
-        bindir = find_bindir()
-        if bindir is None:
-            raise SystemExit("--postgres needs the PostgreSQL server binaries")
-        cluster = PostgresCluster(bindir)
-        cluster.setup()
-    make = factory(small_payload())
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit("--postgres needs the PostgreSQL server binaries")
+    cluster = PostgresCluster(bindir)
+    cluster.setup()
     try:
-        with bench_vhost() as url:
-            async with contextlib.AsyncExitStack() as stack:
-                running: list[tuple[Variant, Proc, Driver]] = []
-                for variant in variants:
-                    names = Names()
-                    db = None
-                    if cluster is not None:
-                        db = cluster.fresh_database(f"ab_{names.suffix}")
-                        await asyncio.to_thread(migrate_database, db, variant.src, work)
-                    proc = start(variant, url, names, work, db)
-                    stack.callback(proc.stop)
-                    driver = Driver(url, names)
-                    await driver.__aenter__()
-                    stack.push_async_callback(driver.__aexit__, None, None, None)
-                    await driver.wait_consumer(proc)
-                    await driver.burst(make, args.warmup, 300)  # imports, caches, the burst window
-                    running.append((variant, proc, driver))
-                for r in range(args.rounds):
-                    shift = r % len(running)
-                    for variant, proc, driver in running[shift:] + running[:shift]:
-                        with ForeignLoad() as other, ProcessCpu(proc.pid) as cpu:
-                            burst = await driver.burst(make, args.count, 300 + args.count / 5)
-                        proc.check()
-                        variant.rps.append(burst.throughput)
-                        variant.main_ms.append(1e3 * cpu.main / args.count)
-                        variant.children_ms.append(1e3 * cpu.children / args.count)
-                        variant.other.append(other.cores)
-                        line = f"round {r + 1} {variant.name}: {burst.throughput:7.1f} req/s"
-                        if args.solo:
-                            solo = await driver.one_by_one(make, args.solo, 60)
-                            variant.solo_ms.append(solo.p(50) * 1e3)
-                            line += f", one at a time p50 {variant.solo_ms[-1]:.2f} ms"
-                        log(f"{line}, other load {other.cores:.2f} cores")
+        yield cluster
     finally:
-        if cluster is not None:
-            cluster.close()
+        cluster.close()
+
+
+async def measure(
+    args: argparse.Namespace, make: MessageFactory, variant: Variant, proc: Proc, driver: Driver
+) -> str:
+    """One round's burst (and lone requests) for one variant; its figures kept on it."""
+    with ForeignLoad() as other, ProcessCpu(proc.pid) as cpu:
+        burst = await driver.burst(make, args.count, 300 + args.count / 5)
+    proc.check()
+    variant.rps.append(burst.throughput)
+    variant.main_ms.append(1e3 * cpu.main / args.count)
+    variant.children_ms.append(1e3 * cpu.children / args.count)
+    variant.other.append(other.cores)
+    line = f"{variant.name}: {burst.throughput:7.1f} req/s"
+    if args.solo:
+        solo = await driver.one_by_one(make, args.solo, 60)
+        variant.solo_ms.append(solo.p(50) * 1e3)
+        line += f", one at a time p50 {variant.solo_ms[-1]:.2f} ms"
+    return f"{line}, other load {other.cores:.2f} cores"
+
+
+async def run(args: argparse.Namespace, variants: list[Variant], work: Path) -> None:
+    make = factory(small_payload())
+    with postgres_cluster(args.postgres) as cluster, bench_vhost() as url:
+        async with contextlib.AsyncExitStack() as stack:
+            running: list[tuple[Variant, Proc, Driver]] = []
+            for variant in variants:
+                names = Names()
+                db = None
+                if cluster is not None:
+                    db = cluster.fresh_database(f"ab_{names.suffix}")
+                    await asyncio.to_thread(migrate_database, db, variant.src, work)
+                proc = start(variant, url, names, work, db)
+                stack.callback(proc.stop)
+                driver = await stack.enter_async_context(Driver(url, names))
+                await driver.wait_consumer(proc)
+                await driver.burst(make, args.warmup, 300)  # imports, caches, the burst window
+                running.append((variant, proc, driver))
+            for r in range(args.rounds):
+                shift = r % len(running)  # a slow minute lands on every variant in turn
+                for variant, proc, driver in running[shift:] + running[:shift]:
+                    log(f"round {r + 1} " + await measure(args, make, variant, proc, driver))
 
 
 def _shown(argv: list[str]) -> list[str]:

@@ -127,10 +127,14 @@ async def test_missing_database_is_fatal(postgres: PostgresCluster) -> None:
     assert postgres.password not in str(caught.value)
 
 
+async def open_postgres_store(postgres: PostgresCluster) -> Store:
+    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
+    return await Store.open(load_settings(database_url=url, auto_migrate=True))
+
+
 @pytest.mark.postgres
 async def test_store_recovers_after_postgres_restarts(postgres: PostgresCluster) -> None:
-    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
-    async with await Store.open(load_settings(database_url=url, auto_migrate=True)) as store:
+    async with await open_postgres_store(postgres) as store:
         assert (await store.claim("r", 1)).attempts == 1  # a pooled connection now exists
         await asyncio.to_thread(postgres.stop)
         try:
@@ -170,11 +174,6 @@ def engine_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
         engine_module, "time", SimpleNamespace(monotonic=clock.monotonic, sleep=time.sleep)
     )
     return clock
-
-
-async def open_postgres_store(postgres: PostgresCluster) -> Store:
-    url = postgres.fresh_database(f"t_{uuid.uuid4().hex[:16]}")
-    return await Store.open(load_settings(database_url=url, auto_migrate=True))
 
 
 @pytest.mark.postgres

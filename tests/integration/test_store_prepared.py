@@ -38,7 +38,16 @@ async def raw_rows(store: Store) -> dict[str, list[tuple[Any, ...]]]:
     return out
 
 
-async def requests_written(store: Store) -> tuple[dict[str, list[tuple[Any, ...]]], list[Any]]:
+Written = tuple[dict[str, list[tuple[Any, ...]]], list[Any]]
+
+
+async def written_with(settings: Settings) -> Written:
+    """:func:`requests_written` on a store of its own."""
+    async with await Store.open(settings) as store:
+        return await requests_written(store)
+
+
+async def requests_written(store: Store) -> Written:
     """Every kind of write, and what each call returned (rare paths included: a claim that finds
     the request done or with another body, a record that finds it done)."""
     returned: list[Any] = [
@@ -85,11 +94,7 @@ async def written_both_ways(
     for name in ("prepared", "sqlalchemy"):
         if name == "sqlalchemy":
             monkeypatch.setattr(repository, "Prepared", ThroughSqlalchemy)
-        store = await Store.open(settings_for(name))
-        try:
-            written.append(await requests_written(store))
-        finally:
-            await store.close()
+        written.append(await written_with(settings_for(name)))
     (prepared, returned), (through_sqlalchemy_rows, returned_by_sqlalchemy) = written
     assert prepared == through_sqlalchemy_rows
     assert returned == returned_by_sqlalchemy
@@ -174,12 +179,8 @@ async def test_a_sqlite_uri_stores_and_returns_the_same(
     """A ``file:`` URI has no writer thread: its statements run as SQLAlchemy's cached text,
     and every call must return what the writer thread's returns."""
     monkeypatch.setattr(repository, "utcnow", lambda: FROZEN)
-    written = []
     uri = f"sqlite+aiosqlite:///file:{tmp_path / 'uri.db'}?uri=true"
-    for url in (f"sqlite+aiosqlite:///{tmp_path / 'file.db'}", uri):
-        store = await Store.open(load_settings(database_url=url, data_dir=tmp_path))
-        try:
-            written.append(await requests_written(store))
-        finally:
-            await store.close()
-    assert written[0] == written[1]
+    through_writer = await written_with(
+        load_settings(database_url=f"sqlite+aiosqlite:///{tmp_path / 'file.db'}", data_dir=tmp_path)
+    )
+    assert await written_with(load_settings(database_url=uri, data_dir=tmp_path)) == through_writer
