@@ -691,8 +691,11 @@ class ForeignLoad:
         for pid, (name, cpu) in end.items():
             if pid in ours or name in _NEUTRAL:
                 continue
+            # Kernel workers rename themselves with their work item (kworker/0:0-events ->
+            # kworker/0:0-mm_percpu_wq): the same pid is the same process unless its CPU went
+            # back (a pid reused within the span). A new pid started inside the span.
             before = self._start.get(pid)
-            used += cpu - before[1] if before is not None and before[0] == name else cpu
+            used += cpu - before[1] if before is not None and cpu >= before[1] else cpu
         self.cores = used / max(1e-9, time.perf_counter() - self._t0)
 
 
