@@ -72,7 +72,9 @@ class WorkerPool:
         self._on_health = on_health or (lambda _: None)
         self._healthy = False
         self._slots = [_Slot(i) for i in range(settings.workers)]
-        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
+        # Last in, first out: one at a time, the same worker takes each job while its caches
+        # are warm (first in, first out would alternate and double each worker's idle gap).
+        self._idle: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
         self._closed = False
         worker.cap_threads()  # inherited by the forkserver and every worker it forks
         # forkserver: workers are forked from a clean server process that never ran an event
@@ -89,7 +91,7 @@ class WorkerPool:
         except BaseException:
             await self.close()
             raise
-        for slot in self._slots:
+        for slot in reversed(self._slots):  # worker 0 on top
             self._idle.put_nowait(slot)
         self._set_health(True)
 
