@@ -72,9 +72,7 @@ class WorkerPool:
         self._on_health = on_health or (lambda _: None)
         self._healthy = False
         self._slots = [_Slot(i) for i in range(settings.workers)]
-        # Last in, first out: one at a time, the same worker takes each job while its caches
-        # are warm (first in, first out would alternate and double each worker's idle gap).
-        self._idle: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
+        self._idle: asyncio.Queue[_Slot] = asyncio.Queue()
         self._closed = False
         worker.cap_threads()  # inherited by the forkserver and every worker it forks
         # forkserver: workers are forked from a clean server process that never ran an event
@@ -91,7 +89,7 @@ class WorkerPool:
         except BaseException:
             await self.close()
             raise
-        for slot in reversed(self._slots):  # worker 0 on top
+        for slot in self._slots:
             self._idle.put_nowait(slot)
         self._set_health(True)
 

@@ -51,17 +51,6 @@ async def test_a_job_past_its_time_limit_is_killed_and_its_neighbour_runs_on(
     assert beside_pid in pids
 
 
-async def test_one_at_a_time_the_last_worker_to_finish_takes_the_next_job(
-    pool: WorkerPool,
-) -> None:
-    # Its caches are still warm; first in, first out would alternate between the workers.
-    pids = [await pool.run(os.getpid, time_limit=60) for _ in range(6)]
-    assert len(set(pids)) == 1
-    # Under load both still work: two jobs at once go to two workers.
-    together = await asyncio.gather(*(pool.run(sleep_then_pid, 0.5, time_limit=60) for _ in "ab"))
-    assert len(set(together)) == 2
-
-
 async def test_a_worker_that_dies_fails_only_its_own_job(pool: WorkerPool) -> None:
     doomed = asyncio.create_task(pool.run(kill_self, time_limit=60))
     beside = asyncio.create_task(pool.run(time.sleep, 1, time_limit=60))
