@@ -31,7 +31,8 @@ _IDLE_SINCE = "deployflag_idle_since"
 
 
 def sqlite_path(url: URL) -> Path | None:
-    """The file behind a SQLite URL, or None for an in-memory database."""
+    """The file behind a SQLite URL, or None when the URL names none: in memory (which the
+    settings refuse), or a ``file:`` URI, which SQLite resolves by its own rules."""
     database = url.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return None
@@ -80,8 +81,8 @@ def _sqlite_engine(url: URL) -> AsyncEngine:
 
 
 def sqlite_writer_engine(settings: Settings) -> Engine | None:
-    """A synchronous engine on the same SQLite file, for the store's writer thread (None for an
-    in-memory database, which a second engine would not share)."""
+    """A synchronous engine on the same SQLite file, for the store's writer thread (None for a
+    ``file:`` URI, whose file the store does not name: it writes through the async engine)."""
     url = make_url(settings.db_url)
     if not settings.is_sqlite or sqlite_path(url) is None:
         return None

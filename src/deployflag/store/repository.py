@@ -122,7 +122,7 @@ class Store:
         # at once share one commit (store/writer.py).
         writer_engine = sqlite_writer_engine(settings)
         self._writer = GroupWriter(writer_engine) if writer_engine is not None else None
-        self._writers = asyncio.Lock()  # in-memory SQLite: one async writer at a time
+        self._writers = asyncio.Lock()  # a SQLite file: URI: one async writer at a time
 
     @classmethod
     async def open(cls, settings: Settings) -> Store:
@@ -217,7 +217,8 @@ class Store:
     def _statement(self, statement: Any) -> Statement:
         """``statement`` for the connections this store writes with, compiled once
         (store/prepared.py): SQLite files through the writer thread's driver connection,
-        PostgreSQL through SQLAlchemy's, in-memory SQLite as SQLAlchemy's cached ``text()``."""
+        PostgreSQL through SQLAlchemy's, a SQLite ``file:`` URI as SQLAlchemy's cached
+        ``text()``."""
         if self._writer is not None:
             return Prepared(statement).first
         if self._engine.dialect.name == "postgresql":
