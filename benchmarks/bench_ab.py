@@ -1,6 +1,6 @@
 """Interleaved A/B of small requests: service variants (and Celery) side by side, in turn.
 
-    python benchmarks/bench_ab.py [--rounds N] [--count N] [--solo N] [--postgres] \\
+    python benchmarks/bench_ab.py [--rounds N] [--count N] [--solo N] [--warmup N] [--postgres] \\
         [--out FILE] NAME=SOURCE [NAME=SOURCE ...]
 
 SOURCE is ``serve:REF`` (``deployflag serve`` from a frozen copy of git commit REF, or ``serve:.``
