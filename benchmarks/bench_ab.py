@@ -41,11 +41,14 @@ from harness import (
     bench_vhost,
     install_signal_cleanup,
     median,
+    scrape,
     start_celery,
     start_service,
 )
 
 OUT = BENCH_DIR / "results" / "ab.md"
+STAGE_SUM, STAGE_COUNT = "deployflag_stage_seconds_sum", "deployflag_stage_seconds_count"
+STAGES = ("decode", "claim", "pipeline", "record", "publish", "total")
 
 
 @dataclass
@@ -61,6 +64,9 @@ class Variant:
     children_ms: list[float] = field(default_factory=list)
     solo_ms: list[float] = field(default_factory=list)
     other: list[float] = field(default_factory=list)
+    port: int | None = None  # the service's /metrics (serve only)
+    # The service's own mean ms per lone request, by stage, one dict per round (serve only).
+    stages: list[dict[str, float]] = field(default_factory=list)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -92,10 +98,32 @@ def start(variant: Variant, url: str, names: Names, work: Path, db_url: str | No
         return start_celery(
             url, names, work, concurrency=2, original=False, src=variant.src, tag=tag, db_url=db_url
         )
-    proc, _ = start_service(
+    proc, variant.port = start_service(
         url, names, work, workers=2, src=variant.src, tag=tag, extra_env=variant.env, db_url=db_url
     )
     return proc
+
+
+def stage_totals(port: int) -> dict[str, tuple[float, float]]:
+    """{stage: (seconds, count)} of the service's stage histogram."""
+    samples = scrape(port)
+    sums, counts = samples.get(STAGE_SUM, {}), samples.get(STAGE_COUNT, {})
+    return {
+        dict(key)["stage"]: (value, counts.get(key, 0.0))
+        for key, value in sums.items()
+        if "stage" in dict(key)
+    }
+
+
+def stage_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], lone: int
+) -> dict[str, float]:
+    """Mean ms per lone request of each stage between two scrapes (a stage a request skipped,
+    such as the claim folded into the record, counts as 0 for it)."""
+    return {
+        stage: 1e3 * (seconds - before.get(stage, (0.0, 0.0))[0]) / lone
+        for stage, (seconds, _) in after.items()
+    }
 
 
 @contextlib.contextmanager
@@ -131,7 +159,10 @@ async def measure(
     variant.other.append(other.cores)
     line = f"{variant.name}: {burst.throughput:7.1f} req/s"
     if args.solo:
+        before = stage_totals(variant.port) if variant.port is not None else None
         solo = await driver.one_by_one(make, args.solo, 60)
+        if before is not None and variant.port is not None:
+            variant.stages.append(stage_means(before, stage_totals(variant.port), args.solo))
         variant.solo_ms.append(solo.p(50) * 1e3)
         line += f", one at a time p50 {variant.solo_ms[-1]:.2f} ms"
     return f"{line}, other load {other.cores:.2f} cores"
@@ -201,7 +232,28 @@ def report(args: argparse.Namespace, variants: list[Variant], minutes: float) ->
             f"({min(ratios):.2f}–{max(ratios):.2f}) | {median(v.main_ms):.2f} / "
             f"{median(v.children_ms):.2f} | {solo} | {median(v.other):.2f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + stage_table(variants)) + "\n"
+
+
+def stage_table(variants: list[Variant]) -> list[str]:
+    """The service's own stages of a lone request (its stage histogram, between the scrapes
+    around each round's lone requests): where the one-at-a-time latency goes."""
+    measured = [v for v in variants if v.stages]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "The service's stages of a lone request, mean ms per request (medians over the rounds; "
+        "`total` is from the delivery to the ack; the client's p50 above adds the broker both "
+        "ways):",
+        "",
+        "| variant | " + " | ".join(STAGES) + " |",
+        "|---|" + "---:|" * len(STAGES),
+    ]
+    for v in measured:
+        cells = [f"{median([r.get(stage, 0.0) for r in v.stages]):.2f}" for stage in STAGES]
+        lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
