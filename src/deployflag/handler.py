@@ -9,7 +9,9 @@ the delivery and its job. The claim still counts the attempt and finds a finishe
 before anything is recorded or published; the job is cheap enough to throw away when it does.
 A job that fails (its worker died, the time limit) is claimed afterwards, so the failure
 counts. Larger or redelivered requests claim first, so a request that crashes the service
-itself is not run again once it is out of attempts.
+itself is not run again once it is out of attempts. When such a small first delivery is the only
+one in flight (and within ``DEPLOYFLAG_INLINE_JOB_MAX_BYTES``), its job runs here, in this
+process, instead of in a worker: the round trip costs a lone request more than its computation.
 
 The acknowledgement policy: every exception the flow can meet ends in ``__call__`` with one
 settlement (docs/handler.md has the same table, with every park reason):
@@ -123,12 +125,15 @@ class MessageHandler:
         self._origin = f"deployflag@{socket.gethostname()}"
         self._copies = OneCopyAtATime()
         self._failures = poison.FailureCounter()  # unexpected failures per message
+        self._inline_bytes = settings.effective_inline_job_bytes
+        self._in_flight = 0  # deliveries in this handler, settled or not
 
     # --- entry point: every exception ends here, each with its settlement ---------------------
 
     async def __call__(self, message: AbstractIncomingMessage) -> None:
         d = Delivery(message, Trace(self._metrics))
         self._metrics.in_flight.inc()
+        self._in_flight += 1
         try:
             if self._stopping.is_set():
                 # Arrived between the decision to stop and the consumer's cancellation: left
@@ -158,6 +163,7 @@ class MessageHandler:
             sentry.capture(exc, request_id=_bound("request_id"), repo_id=_bound("repo_id"))
             await self._requeue_or_park(d, exc)
         finally:
+            self._in_flight -= 1
             self._metrics.in_flight.dec()
             d.trace.finish(message.timestamp)
             structlog.contextvars.clear_contextvars()
@@ -212,7 +218,10 @@ class MessageHandler:
             try:
                 async with self._copies.exclusive(d, envelope.request_id) as waited:
                     speculate = not (waited or d.redelivered) and d.size <= INLINE_DECODE_BYTES
-                    answer = await self._answer(d, envelope, speculate=speculate)
+                    # Alone here: nothing waits behind it on the loop, so the job runs in
+                    # this process, without the round trip to a worker (docs/handler.md).
+                    inline = speculate and d.size <= self._inline_bytes and self._in_flight == 1
+                    answer = await self._answer(d, envelope, speculate=speculate, inline=inline)
                 break
             except worker.EnvelopeMismatch as exc:  # presumed plain JSON; it was not
                 envelope, d.presumed = exc.envelope, False
@@ -235,15 +244,19 @@ class MessageHandler:
             return presumed
         return await self._in_pool(d, worker.identify, job, task_name)
 
-    async def _answer(self, d: Delivery, envelope: Envelope, *, speculate: bool) -> Answer:
+    async def _answer(
+        self, d: Delivery, envelope: Envelope, *, speculate: bool, inline: bool = False
+    ) -> Answer:
         """The request's recorded result: trained here, or found stored.
 
-        ``speculate``: run the pipeline job first, claim with the record (the module's notes).
+        ``speculate``: run the pipeline job first, claim with the record (the module's notes);
+        ``inline``: that job in this process.
         """
-        early = asyncio.ensure_future(self._run_job(d)) if speculate else None
+        started = time.perf_counter()
+        early = self._start_job(d, inline) if speculate else None
         try:
             if early is not None:
-                folded = await self._fold(d, envelope, early)
+                folded = await self._fold(d, envelope, early, started)
                 if folded is not None:
                     early = None
                     return folded
@@ -272,11 +285,14 @@ class MessageHandler:
         return answer if fresh else _stored(stored_json)  # not fresh: a concurrent copy won
 
     async def _fold(
-        self, d: Delivery, envelope: Envelope, early: asyncio.Future[worker.Computed]
+        self,
+        d: Delivery,
+        envelope: Envelope,
+        early: asyncio.Future[worker.Computed],
+        started: float,
     ) -> Answer | None:
         """The small job's answer, claimed and recorded in one transaction (the attempt still
         counted). None: the job failed; go on as usual (claim, then see the failure)."""
-        started = time.perf_counter()
         await asyncio.wait((early,))  # its failure is not raised here
         if early.cancelled() or early.exception() is not None:
             return None
@@ -341,6 +357,19 @@ class MessageHandler:
             deployflag_version=__version__,
             finished_at=datetime.now(UTC),
         )
+
+    def _start_job(self, d: Delivery, inline: bool) -> asyncio.Future[worker.Computed]:
+        """The first try of ``d``'s job: in a worker, or (``inline``) here and now, its outcome
+        in a future either way so that the flow after it is the same."""
+        if not inline:
+            return asyncio.ensure_future(self._run_job(d))
+        job: asyncio.Future[worker.Computed] = asyncio.get_running_loop().create_future()
+        try:
+            job.set_result(worker.process(d.job(), self._s.training_task_name, self._config))
+        except Exception as exc:
+            job.set_exception(exc)
+        self._metrics.inline_jobs.inc()
+        return job
 
     async def _run_job(self, d: Delivery) -> worker.Computed:
         return await self._pool.run(

@@ -94,6 +94,12 @@ class Metrics:
             "Requests received and not yet acked.",
             registry=registry,
         )
+        self.inline_jobs = Counter(
+            "deployflag_inline_jobs",
+            "Jobs computed in the service process instead of a worker (small first deliveries "
+            "that arrived while nothing else was in flight).",
+            registry=registry,
+        )
         self.pool_rebuilds = Counter(
             "deployflag_pool_rebuilds",
             "Worker pools replaced, by cause (crash, time_limit).",

@@ -17,7 +17,7 @@ from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 
-from deployflag import __version__, logs, sentry, systemd, tls
+from deployflag import __version__, logs, sentry, systemd, tls, worker
 from deployflag.broker import nodes, topology
 from deployflag.broker.blocking import watch_blocked
 from deployflag.broker.burst import BurstConsumer, BurstPolicy
@@ -76,7 +76,12 @@ class Service:
         self._background.append(asyncio.create_task(self._watch_database(self._store)))
 
         self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild, on_health=self._on_pool_health)
-        await self._pool.start()
+        if s.effective_inline_job_bytes > 0:  # the imports in a thread while workers start
+            await asyncio.gather(
+                self._pool.start(), asyncio.to_thread(worker.init_inline, s.max_shortcodes)
+            )
+        else:
+            await self._pool.start()
 
         if self.stopping.is_set():
             return

@@ -2,7 +2,8 @@
 
 Every function here is module-level and picklable, takes raw bytes, and returns small objects:
 the event loop never parses a large body. The initializer imports numpy and scikit-learn once per
-process and caps their threads, so N workers never run N × cores threads.
+process and caps their threads, so N workers never run N × cores threads. :func:`process` also
+runs in the service process itself, for a lone small request, once :func:`init_inline` has run.
 """
 
 from __future__ import annotations
@@ -95,6 +96,21 @@ def init_worker(
         global _memory_limited
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         _memory_limited = True
+
+
+def init_inline(max_shortcodes: int) -> None:
+    """Prepare the service's own process to run :func:`process` for small jobs: the heavy
+    imports and one native thread, as in a worker. Never the memory limit: it would bound the
+    whole service, and a small job needs little."""
+    global _limits, _max_shortcodes
+    _max_shortcodes = max_shortcodes
+    cap_threads()
+    from threadpoolctl import threadpool_limits
+
+    import deployflag.pipeline.forecast
+    import deployflag.pipeline.model  # noqa: F401  (numpy, scikit-learn: at start, once)
+
+    _limits = threadpool_limits(limits=1)
 
 
 def ensure_room(nbytes: int) -> None:

@@ -47,13 +47,15 @@ def outcomes(service: ServiceProcess) -> list[str]:
     ]
 
 
+@pytest.mark.parametrize("inline_bytes", ["16KiB", "0"], ids=["in the service", "in a worker"])
 async def test_json_request_gets_json_reply_with_spec_weights_and_one_metadata_row(
     start_service: Callable[..., ServiceProcess],
     service_env: dict[str, str],
     upstream: Upstream,
+    inline_bytes: str,
 ) -> None:
-    # Given a running service
-    start_service(service_env)
+    # Given a running service that computes a lone small request itself, or hands it to a worker
+    service = start_service({**service_env, "DEPLOYFLAG_INLINE_JOB_MAX_BYTES": inline_bytes})
     # When the upstream publishes the worked example (docs/scoring.md) as plain JSON
     request_id = str(uuid.uuid4())
     await upstream.publish(WORKED, message_id=request_id)
@@ -74,6 +76,9 @@ async def test_json_request_gets_json_reply_with_spec_weights_and_one_metadata_r
     assert result["model"]["estimator"] == "LogisticRegression"
     # And exactly one metadata row was recorded for it, naming the scoring
     assert [(row[0], row[3]) for row in metadata_rows(service_env)] == [(request_id, "forecast")]
+    # And the job ran where the setting says
+    computed_here = 1.0 if inline_bytes != "0" else 0.0
+    assert metric(service.http_port, "deployflag_inline_jobs_total") == computed_here
 
 
 async def test_seed_scoring_answers_with_the_originals_weights(
@@ -82,7 +87,7 @@ async def test_seed_scoring_answers_with_the_originals_weights(
     upstream: Upstream,
 ) -> None:
     # Given a service set to the seed scoring
-    start_service({**service_env, "DEPLOYFLAG_SCORING": "seed"})
+    service = start_service({**service_env, "DEPLOYFLAG_SCORING": "seed"})
     # When the worked example arrives
     await upstream.publish(WORKED, message_id="seed-1")
     # Then its weight is the original computation's 41, and the metadata row says seed
@@ -91,6 +96,8 @@ async def test_seed_scoring_answers_with_the_originals_weights(
     assert (result["scoring"], result["scores"][0]["issue_weight"]) == ("seed", 41)
     assert result["model"]["skipped_reason"] == "one_class"
     assert [(row[0], row[3]) for row in metadata_rows(service_env)] == [("seed-1", "seed")]
+    # And it ran in a worker: seed scoring's grid search is never run on the event loop
+    assert metric(service.http_port, "deployflag_inline_jobs_total") == 0
 
 
 async def test_reply_to_and_correlation_id_are_honoured(

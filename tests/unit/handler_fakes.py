@@ -218,5 +218,7 @@ def rig(**overrides: Any) -> Rig:
         "retry_backoff_max": 0.002,
         "max_attempts": 3,
         "reply_format": "auto",
+        # Every job through the fake pool, unless a test is about the ones run in the handler.
+        "inline_job_max_bytes": 0,
     }
     return Rig(load_settings(**(base | overrides)))
