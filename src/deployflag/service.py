@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import Awaitable
@@ -111,6 +112,11 @@ class Service:
         self._background.append(
             asyncio.create_task(watch_blocked(self._connection, self.health, self.metrics))
         )
+        # What start-up created (modules, settings, numpy and scikit-learn for the jobs computed
+        # here) lives as long as the process: out of the collector's full passes, each of which
+        # would otherwise hold the loop for tens of milliseconds while requests are served.
+        gc.collect()
+        gc.freeze()
         self._burst = await self._burst_consumer()
         self._consumer_tag = await self._queue.consume(self._dispatch)
         self._set_consuming(True)

@@ -107,8 +107,7 @@ def init_inline(max_shortcodes: int) -> None:
     cap_threads()
     from threadpoolctl import threadpool_limits
 
-    import deployflag.pipeline.forecast
-    import deployflag.pipeline.model  # noqa: F401  (numpy, scikit-learn: at start, once)
+    import deployflag.pipeline.forecast  # noqa: F401  (numpy, scikit-learn: at start, once)
 
     _limits = threadpool_limits(limits=1)
 
