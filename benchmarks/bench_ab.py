@@ -39,6 +39,7 @@ from harness import (
     Proc,
     ProcessCpu,
     bench_vhost,
+    histogram_quantile,
     install_signal_cleanup,
     median,
     scrape,
@@ -48,6 +49,7 @@ from harness import (
 
 OUT = BENCH_DIR / "results" / "ab.md"
 STAGE_SUM, STAGE_COUNT = "deployflag_stage_seconds_sum", "deployflag_stage_seconds_count"
+LAG_BUCKET = "deployflag_event_loop_lag_seconds_bucket"
 STAGES = ("decode", "claim", "pipeline", "record", "publish", "total")
 
 
@@ -67,6 +69,8 @@ class Variant:
     port: int | None = None  # the service's /metrics (serve only)
     # The service's own mean ms per lone request, by stage, one dict per round (serve only).
     stages: list[dict[str, float]] = field(default_factory=list)
+    # The event-loop lag histogram's buckets, summed over every round's burst (serve only).
+    lag: dict[float, float] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, text: str) -> Variant:
@@ -102,6 +106,25 @@ def start(variant: Variant, url: str, names: Names, work: Path, db_url: str | No
         url, names, work, workers=2, src=variant.src, tag=tag, extra_env=variant.env, db_url=db_url
     )
     return proc
+
+
+def lag_buckets(port: int) -> dict[float, float]:
+    """The service's event-loop lag histogram: {upper bound: samples at or below it}."""
+    return {
+        float(dict(key)["le"]): value
+        for key, value in scrape(port).get(LAG_BUCKET, {}).items()
+        if "le" in dict(key)
+    }
+
+
+def lag_summary(buckets: dict[float, float]) -> str:
+    """p99 (interpolated in the buckets) and the share of samples over 10 ms."""
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return "—"
+    p99 = histogram_quantile(0.99, {}, buckets)
+    over = 100 * (total - buckets.get(0.01, 0.0)) / total
+    return f"{1e3 * p99:.1f} / {over:.1f} %"
 
 
 def stage_totals(port: int) -> dict[str, tuple[float, float]]:
@@ -150,9 +173,13 @@ async def measure(
     args: argparse.Namespace, make: MessageFactory, variant: Variant, proc: Proc, driver: Driver
 ) -> str:
     """One round's burst (and lone requests) for one variant; its figures kept on it."""
+    lag_before = lag_buckets(variant.port) if variant.port is not None else {}
     with ForeignLoad() as other, ProcessCpu(proc.pid) as cpu:
         burst = await driver.burst(make, args.count, 300 + args.count / 5)
     proc.check()
+    if variant.port is not None:
+        for bound, count in lag_buckets(variant.port).items():
+            variant.lag[bound] = variant.lag.get(bound, 0.0) + count - lag_before.get(bound, 0.0)
     variant.rps.append(burst.throughput)
     variant.main_ms.append(1e3 * cpu.main / args.count)
     variant.children_ms.append(1e3 * cpu.children / args.count)
@@ -221,8 +248,9 @@ def report(args: argparse.Namespace, variants: list[Variant], minutes: float) ->
         "",
         "| variant | source | req/s | ratio to "
         + base.name
-        + " (range) | CPU ms/req main / children | one at a time p50 ms | other load |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        + " (range) | CPU ms/req main / children | one at a time p50 ms | loop lag in the bursts: "
+        "p99 ms / samples over 10 ms | other load |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for v in variants:
         ratios = [a / b for a, b in zip(v.rps, base.rps, strict=True)]
@@ -230,7 +258,8 @@ def report(args: argparse.Namespace, variants: list[Variant], minutes: float) ->
         lines.append(
             f"| {v.name} | {v.source} | {median(v.rps):.1f} | {median(ratios):.2f}× "
             f"({min(ratios):.2f}–{max(ratios):.2f}) | {median(v.main_ms):.2f} / "
-            f"{median(v.children_ms):.2f} | {solo} | {median(v.other):.2f} |"
+            f"{median(v.children_ms):.2f} | {solo} | {lag_summary(v.lag)} | "
+            f"{median(v.other):.2f} |"
         )
     return "\n".join(lines + stage_table(variants)) + "\n"
 
