@@ -125,13 +125,15 @@ async def test_a_rejected_inline_job_is_parked_like_a_workers_with_its_attempt_c
 
 @pytest.fixture
 def shortcode_cap() -> Iterator[None]:
-    """What the service sets up before it consumes: the imports and a cap of 1 shortcode."""
-    saved = worker._max_shortcodes
+    """What the service sets up before it consumes: the imports and a cap of 1 shortcode (the
+    cap and the one-thread limit undone afterwards: this test process goes on)."""
+    saved_cap, saved_limits = worker._max_shortcodes, worker._limits
     worker.init_inline(max_shortcodes=1)
     try:
         yield
     finally:
-        worker._max_shortcodes = saved
+        worker._limits.restore_original_limits()
+        worker._max_shortcodes, worker._limits = saved_cap, saved_limits
 
 
 @pytest.mark.usefixtures("shortcode_cap")
