@@ -1,7 +1,7 @@
 """Interleaved A/B of small requests: service variants (and Celery) side by side, in turn.
 
     python benchmarks/bench_ab.py [--rounds N] [--count N] [--solo N] [--warmup N] [--postgres] \\
-        [--out FILE] NAME=SOURCE [NAME=SOURCE ...]
+        [--payload small|reference] [--out FILE] NAME=SOURCE [NAME=SOURCE ...]
 
 SOURCE is ``serve:REF`` (``deployflag serve`` from a frozen copy of git commit REF, or ``serve:.``
 for the working tree), ``celery:REF`` (the well-configured Celery baseline running that code), and
@@ -24,12 +24,15 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench_service import export_ref, factory, migrate_database, small_payload
+from deployflag.synthetic import generate
 from harness import (
     BENCH_DIR,
     Driver,
@@ -48,6 +51,10 @@ from harness import (
 )
 
 OUT = BENCH_DIR / "results" / "ab.md"
+PAYLOADS: dict[str, Callable[[], bytes]] = {
+    "small": small_payload,
+    "reference": lambda: orjson.dumps(generate("reference", seed=1)),  # as bench_service.py
+}
 STAGE_SUM, STAGE_COUNT = "deployflag_stage_seconds_sum", "deployflag_stage_seconds_count"
 LAG_BUCKET = "deployflag_event_loop_lag_seconds_bucket"
 STAGES = ("decode", "claim", "pipeline", "record", "publish", "total")
@@ -196,7 +203,7 @@ async def measure(
 
 
 async def run(args: argparse.Namespace, variants: list[Variant], work: Path) -> None:
-    make = factory(small_payload())
+    make = factory(PAYLOADS[args.payload]())
     with postgres_cluster(args.postgres) as cluster, bench_vhost() as url:
         async with contextlib.AsyncExitStack() as stack:
             running: list[tuple[Variant, Proc, Driver]] = []
@@ -235,14 +242,15 @@ def report(args: argparse.Namespace, variants: list[Variant], minutes: float) ->
     base = variants[0]
     store = "PostgreSQL (one throwaway cluster, fsync off)" if args.postgres else "SQLite"
     lines = [
-        "# Interleaved A/B of small requests: benchmarks/bench_ab.py",
+        f"# Interleaved A/B of {args.payload} requests: benchmarks/bench_ab.py",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {minutes:.1f} min; "
         f"`{' '.join(_shown(sys.argv[1:]))}`",
         "",
-        f"{args.rounds} rounds; each round a burst of {args.count} small requests"
+        f"{args.rounds} rounds; each round a burst of {args.count} {args.payload} requests"
         + (f" and {args.solo} one at a time" if args.solo else "")
-        + f" to every variant in turn (the order rotates); 2 workers / concurrency 2; {store}. "
+        + " to every variant in turn (the order rotates); 2 workers / concurrency 2 unless a "
+        f"variant sets DEPLOYFLAG_WORKERS; {store}. "
         "Medians over the rounds; the ratio is the median of the per-round ratios to the first "
         "variant, with their range.",
         "",
@@ -293,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solo", type=int, default=100, help="lone requests per round (100)")
     parser.add_argument("--warmup", type=int, default=300, help="warm-up burst (300)")
     parser.add_argument("--postgres", action="store_true", help="PostgreSQL instead of SQLite")
+    parser.add_argument(
+        "--payload",
+        choices=sorted(PAYLOADS),
+        default="small",
+        help="small (no model, the default) or reference (4 MB, trains a model: use a --count "
+        "of about 16, --solo 0, --warmup 2, and DEPLOYFLAG_WORKERS=1 variants for the scaling)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help=f"the table (default {OUT})")
     args = parser.parse_args(argv)
     if len(args.variants) < 2 or args.rounds < 1:
