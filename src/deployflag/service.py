@@ -79,7 +79,7 @@ class Service:
         self._pool = WorkerPool(s, on_rebuild=self._on_pool_rebuild, on_health=self._on_pool_health)
         if s.effective_inline_job_bytes > 0:  # the imports in a thread while workers start
             await asyncio.gather(
-                self._pool.start(), asyncio.to_thread(worker.init_inline, s.max_shortcodes)
+                self._pool.start(), asyncio.to_thread(worker.prepare_compute, s.max_shortcodes)
             )
         else:
             await self._pool.start()

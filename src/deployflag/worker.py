@@ -3,7 +3,8 @@
 Every function here is module-level and picklable, takes raw bytes, and returns small objects:
 the event loop never parses a large body. The initializer imports numpy and scikit-learn once per
 process and caps their threads, so N workers never run N × cores threads. :func:`process` also
-runs in the service process itself, for a lone small request, once :func:`init_inline` has run.
+runs in the service process itself, for a lone small request, once :func:`prepare_compute` has
+run there.
 """
 
 from __future__ import annotations
@@ -74,8 +75,6 @@ def init_worker(
     max_shortcodes: int = 0,
 ) -> None:
     """Set up a worker process: logging, one thread, heavy imports, then the address-space limit."""
-    global _limits, _max_shortcodes
-    _max_shortcodes = max_shortcodes
     cap_threads()
     _die_with_parent()
     if service_pid is not None:
@@ -86,29 +85,26 @@ def init_worker(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a hang-up drains the service like SIGTERM
     logs.configure(log_format, log_level)
-    from threadpoolctl import threadpool_limits
-
-    import deployflag.pipeline.model  # noqa: F401  (numpy, scikit-learn: once, not per message)
-
-    # threadpool_limits only caps libraries already loaded: hence after the imports.
-    _limits = threadpool_limits(limits=1)
+    prepare_compute(max_shortcodes)
     if memory_limit > 0:
         global _memory_limited
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
         _memory_limited = True
 
 
-def init_inline(max_shortcodes: int) -> None:
-    """Prepare the service's own process to run :func:`process` for small jobs: the heavy
-    imports and one native thread, as in a worker. Never the memory limit: it would bound the
-    whole service, and a small job needs little."""
+def prepare_compute(max_shortcodes: int) -> None:
+    """What a process needs before it runs :func:`process`: the shortcode cap, the heavy imports
+    and one native thread. A worker calls it from :func:`init_worker`; the service calls it for
+    the lone small jobs it computes itself (never with the memory limit, which would bound the
+    whole service)."""
     global _limits, _max_shortcodes
     _max_shortcodes = max_shortcodes
     cap_threads()
     from threadpoolctl import threadpool_limits
 
-    import deployflag.pipeline.forecast  # noqa: F401  (numpy, scikit-learn: at start, once)
+    import deployflag.pipeline.forecast  # noqa: F401  (numpy, scikit-learn: once, not per message)
 
+    # threadpool_limits only caps libraries already loaded: hence after the imports.
     _limits = threadpool_limits(limits=1)
 
 

@@ -128,7 +128,7 @@ def shortcode_cap() -> Iterator[None]:
     """What the service sets up before it consumes: the imports and a cap of 1 shortcode (the
     cap and the one-thread limit undone afterwards: this test process goes on)."""
     saved_cap, saved_limits = worker._max_shortcodes, worker._limits
-    worker.init_inline(max_shortcodes=1)
+    worker.prepare_compute(max_shortcodes=1)
     try:
         yield
     finally:
