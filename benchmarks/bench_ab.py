@@ -32,6 +32,7 @@ from typing import Any
 import orjson
 
 from bench_service import export_ref, factory, migrate_database, small_payload
+from deployflag.metrics import STAGES
 from deployflag.synthetic import generate
 from harness import (
     BENCH_DIR,
@@ -42,6 +43,7 @@ from harness import (
     Proc,
     ProcessCpu,
     bench_vhost,
+    buckets,
     histogram_quantile,
     install_signal_cleanup,
     median,
@@ -55,9 +57,8 @@ PAYLOADS: dict[str, Callable[[], bytes]] = {
     "small": small_payload,
     "reference": lambda: orjson.dumps(generate("reference", seed=1)),  # as bench_service.py
 }
-STAGE_SUM, STAGE_COUNT = "deployflag_stage_seconds_sum", "deployflag_stage_seconds_count"
+STAGE_SUM = "deployflag_stage_seconds_sum"
 LAG_BUCKET = "deployflag_event_loop_lag_seconds_bucket"
-STAGES = ("decode", "claim", "pipeline", "record", "publish", "total")
 
 
 @dataclass
@@ -115,44 +116,30 @@ def start(variant: Variant, url: str, names: Names, work: Path, db_url: str | No
     return proc
 
 
-def lag_buckets(port: int) -> dict[float, float]:
-    """The service's event-loop lag histogram: {upper bound: samples at or below it}."""
-    return {
-        float(dict(key)["le"]): value
-        for key, value in scrape(port).get(LAG_BUCKET, {}).items()
-        if "le" in dict(key)
-    }
-
-
-def lag_summary(buckets: dict[float, float]) -> str:
-    """p99 (interpolated in the buckets) and the share of samples over 10 ms."""
-    total = buckets.get(float("inf"), 0.0)
+def lag_summary(lag: dict[float, float]) -> str:
+    """p99 (interpolated in the histogram's buckets) and the share of samples over 10 ms."""
+    total = lag.get(float("inf"), 0.0)
     if total <= 0:
         return "—"
-    p99 = histogram_quantile(0.99, {}, buckets)
-    over = 100 * (total - buckets.get(0.01, 0.0)) / total
+    p99 = histogram_quantile(0.99, {}, lag)
+    over = 100 * (total - lag.get(0.01, 0.0)) / total
     return f"{1e3 * p99:.1f} / {over:.1f} %"
 
 
-def stage_totals(port: int) -> dict[str, tuple[float, float]]:
-    """{stage: (seconds, count)} of the service's stage histogram."""
-    samples = scrape(port)
-    sums, counts = samples.get(STAGE_SUM, {}), samples.get(STAGE_COUNT, {})
+def stage_seconds(port: int) -> dict[str, float]:
+    """{stage: seconds so far} of the service's stage histogram."""
     return {
-        dict(key)["stage"]: (value, counts.get(key, 0.0))
-        for key, value in sums.items()
+        dict(key)["stage"]: value
+        for key, value in scrape(port).get(STAGE_SUM, {}).items()
         if "stage" in dict(key)
     }
 
 
-def stage_means(
-    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]], lone: int
-) -> dict[str, float]:
+def stage_means(before: dict[str, float], after: dict[str, float], lone: int) -> dict[str, float]:
     """Mean ms per lone request of each stage between two scrapes (a stage a request skipped,
     such as the claim folded into the record, counts as 0 for it)."""
     return {
-        stage: 1e3 * (seconds - before.get(stage, (0.0, 0.0))[0]) / lone
-        for stage, (seconds, _) in after.items()
+        stage: 1e3 * (seconds - before.get(stage, 0.0)) / lone for stage, seconds in after.items()
     }
 
 
@@ -180,12 +167,12 @@ async def measure(
     args: argparse.Namespace, make: MessageFactory, variant: Variant, proc: Proc, driver: Driver
 ) -> str:
     """One round's burst (and lone requests) for one variant; its figures kept on it."""
-    lag_before = lag_buckets(variant.port) if variant.port is not None else {}
+    lag_before = buckets(scrape(variant.port), LAG_BUCKET, {}) if variant.port is not None else {}
     with ForeignLoad() as other, ProcessCpu(proc.pid) as cpu:
         burst = await driver.burst(make, args.count, 300 + args.count / 5)
     proc.check()
     if variant.port is not None:
-        for bound, count in lag_buckets(variant.port).items():
+        for bound, count in buckets(scrape(variant.port), LAG_BUCKET, {}).items():
             variant.lag[bound] = variant.lag.get(bound, 0.0) + count - lag_before.get(bound, 0.0)
     variant.rps.append(burst.throughput)
     variant.main_ms.append(1e3 * cpu.main / args.count)
@@ -193,10 +180,10 @@ async def measure(
     variant.other.append(other.cores)
     line = f"{variant.name}: {burst.throughput:7.1f} req/s"
     if args.solo:
-        before = stage_totals(variant.port) if variant.port is not None else None
+        before = stage_seconds(variant.port) if variant.port is not None else None
         solo = await driver.one_by_one(make, args.solo, 60)
         if before is not None and variant.port is not None:
-            variant.stages.append(stage_means(before, stage_totals(variant.port), args.solo))
+            variant.stages.append(stage_means(before, stage_seconds(variant.port), args.solo))
         variant.solo_ms.append(solo.p(50) * 1e3)
         line += f", one at a time p50 {variant.solo_ms[-1]:.2f} ms"
     return f"{line}, other load {other.cores:.2f} cores"

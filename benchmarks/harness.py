@@ -577,8 +577,8 @@ class MetricsPoller:
         above the largest lag actually seen, and a p99 over the maximum reads as nonsense."""
         quantile = histogram_quantile(
             q,
-            _buckets(self.before, "deployflag_event_loop_lag_seconds_bucket", {}),
-            _buckets(self.after, "deployflag_event_loop_lag_seconds_bucket", {}),
+            buckets(self.before, "deployflag_event_loop_lag_seconds_bucket", {}),
+            buckets(self.after, "deployflag_event_loop_lag_seconds_bucket", {}),
         )
         return min(quantile, self.lag_max())
 
@@ -592,7 +592,7 @@ class MetricsPoller:
         if not self.lag_max_is_bound:
             return self.max_lag
         bucket = "deployflag_event_loop_lag_seconds_bucket"
-        old, new = _buckets(self.before, bucket, {}), _buckets(self.after, bucket, {})
+        old, new = buckets(self.before, bucket, {}), buckets(self.after, bucket, {})
         samples = self.lag_samples()
         for bound in sorted(new):  # cumulative counts: the first bound that holds them all
             if samples > 0 and new[bound] - old.get(bound, 0.0) >= samples:
@@ -616,9 +616,10 @@ class MetricsPoller:
         return means
 
 
-def _buckets(
+def buckets(
     metrics: dict[str, dict[tuple[tuple[str, str], ...], float]], name: str, labels: dict[str, str]
 ) -> dict[float, float]:
+    """A histogram's cumulative buckets from scraped metrics: {upper bound: samples ≤ it}."""
     out: dict[float, float] = {}
     for key, value in metrics.get(name, {}).items():
         label = dict(key)
